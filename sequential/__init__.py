@@ -1,0 +1,3 @@
+"""sequential package."""
+
+import tfenv  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
