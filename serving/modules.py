@@ -1,0 +1,164 @@
+"""tf.Module wrappers that become the exported SavedModels.
+
+All take raw string item ids. History rows may be left- or right-padded with "" and any length;
+unknown ids count as padding. The newest `max_len` known items are kept, left-padded, as in
+training. Only `ScannRetrieval` needs a custom op (ScaNN's); the rest use stock TF ops so stock
+TF Serving loads them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+NEG_INF = -1e30  # finite so JSON encoders (TF Serving REST) can print it
+
+
+class ItemLookup(tf.Module):
+    """String item id <-> item_idx (0 = padding / unknown), event type string -> id."""
+
+    def __init__(self, item_ids: np.ndarray, event_vocab: list[str]):
+        super().__init__()
+        keys = tf.constant([str(x) for x in item_ids])
+        self.item_table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(keys, tf.range(1, len(item_ids) + 1,
+                                                               dtype=tf.int32)), 0)
+        self.item_ids = tf.constant([""] + [str(x) for x in item_ids])  # idx -> id
+        events = event_vocab or ["_"]
+        self.event_table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(tf.constant(events),
+                                                tf.range(1, len(events) + 1, dtype=tf.int32)), 0)
+
+    def items(self, ids: tf.Tensor) -> tf.Tensor:
+        return self.item_table.lookup(ids)
+
+    def events(self, kinds: tf.Tensor) -> tf.Tensor:
+        return self.event_table.lookup(kinds)
+
+
+def newest_left_padded(idx: tf.Tensor, extra: tf.Tensor, max_len: int):
+    """Keep each row's newest `max_len` non-zero entries of `idx`, left-padded to max_len.
+
+    idx, extra [batch, n] (extra = event ids travelling with the items) -> two [batch, max_len].
+    """
+    present = idx > 0
+    count = tf.reduce_sum(tf.cast(present, tf.int32), axis=1, keepdims=True)  # [batch, 1]
+    from_newest = count - tf.cumsum(tf.cast(present, tf.int32), axis=1)  # 0 = newest
+    keep = present & (from_newest < max_len)
+    where = tf.where(keep)  # [kept, 2] (row, column)
+    column = max_len - 1 - tf.gather_nd(from_newest, where)
+    target = tf.stack([where[:, 0], tf.cast(column, tf.int64)], axis=1)
+    shape = tf.stack([tf.shape(idx, out_type=tf.int64)[0], tf.constant(max_len, tf.int64)])
+    items = tf.scatter_nd(target, tf.gather_nd(idx, where), shape)
+    events = tf.scatter_nd(target, tf.gather_nd(extra, where), shape)
+    return items, events
+
+
+class _Base(tf.Module):
+    def __init__(self, user_tower: tf.keras.layers.Layer, item_vectors: np.ndarray,
+                 lookup: ItemLookup, max_len: int, use_events: bool):
+        super().__init__()
+        self.user_tower = user_tower
+        self.item_vectors = tf.constant(item_vectors, tf.float32)  # [num_items + 1, dim]
+        self.lookup, self.max_len, self.use_events = lookup, max_len, use_events
+
+    def user_vectors(self, history: tf.Tensor, event_types: tf.Tensor | None):
+        """-> (user vectors [batch, dim], all history idx [batch, n] for exclusion)."""
+        idx = self.lookup.items(history)
+        kinds = (self.lookup.events(event_types) if event_types is not None
+                 else tf.zeros_like(idx))
+        items, kinds = newest_left_padded(idx, kinds, self.max_len)
+        vectors = tf.gather(self.item_vectors, items)  # [batch, max_len, dim]
+        encoded = self.user_tower(vectors, items > 0,
+                                  event_types=kinds if self.use_events else None,
+                                  training=False)
+        return tf.cast(encoded[:, -1], tf.float32), idx
+
+
+def _exclude(scores: tf.Tensor, ids: tf.Tensor, history_idx: tf.Tensor) -> tf.Tensor:
+    """scores/ids [batch, c]: push padding and items in the history to NEG_INF."""
+    seen = tf.reduce_any(ids[:, :, None] == history_idx[:, None, :], axis=2) | (ids == 0)
+    return tf.where(seen, tf.constant(NEG_INF, scores.dtype), scores)
+
+
+class BruteForceRetrieval(_Base):
+    """Exact top-k over every item vector, stock TF ops only."""
+
+    def __init__(self, *args, k: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.k = k
+
+    def top_k(self, history, event_types, exclude_seen: bool):
+        users, history_idx = self.user_vectors(history, event_types)
+        scores = tf.matmul(users, self.item_vectors, transpose_b=True)  # [batch, items + 1]
+        num = tf.shape(scores)[1]
+        mask = tf.one_hot(0, num, on_value=True, off_value=False)[None, :]
+        if exclude_seen:
+            # Mark history items with a scatter instead of comparing against all items.
+            rows = tf.repeat(tf.range(tf.shape(history_idx)[0]), tf.shape(history_idx)[1])
+            cols = tf.reshape(history_idx, [-1])
+            seen = tf.scatter_nd(tf.stack([rows, cols], axis=1), tf.ones_like(cols),
+                                 tf.shape(scores)) > 0
+            mask = mask | seen
+        scores = tf.where(mask, tf.constant(NEG_INF, scores.dtype), scores)
+        best, idx = tf.math.top_k(scores, k=tf.minimum(self.k, num - 1))
+        return {"item_ids": tf.gather(self.lookup.item_ids, idx), "scores": best}
+
+
+class ScannRetrieval(_Base):
+    """Approximate top-k from a ScaNN index over the item vectors (needs `import scann`)."""
+
+    def __init__(self, *args, k: int, index: tf.keras.layers.Layer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.k, self.index = k, index  # the index returns k + max_len candidates
+
+    def top_k(self, history, event_types, exclude_seen: bool):
+        users, history_idx = self.user_vectors(history, event_types)
+        scores, ids = self.index(users)  # [batch, k + max_len]
+        scores = tf.cast(scores, tf.float32)
+        ids = tf.cast(ids, tf.int32)
+        scores = (_exclude(scores, ids, history_idx) if exclude_seen
+                  else _exclude(scores, ids, tf.zeros_like(history_idx)))
+        best, order = tf.math.top_k(scores, k=tf.minimum(self.k, tf.shape(scores)[1]))
+        idx = tf.gather(ids, order, batch_dims=1)
+        return {"item_ids": tf.gather(self.lookup.item_ids, idx), "scores": best}
+
+
+class Ranker(_Base):
+    """Ranking-head scores of candidate items for a history."""
+
+    def __init__(self, *args, ranking_head: tf.keras.layers.Layer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ranking_head = ranking_head
+
+    def score(self, history, event_types, candidates):
+        users, _ = self.user_vectors(history, event_types)
+        idx = self.lookup.items(candidates)  # [batch, n]
+        items = tf.gather(self.item_vectors, idx)  # [batch, n, dim]
+        tiled = tf.repeat(users[:, None, :], tf.shape(idx)[1], axis=1)
+        scores = tf.cast(self.ranking_head(tiled, items), tf.float32)
+        return {"scores": scores, "known": idx > 0}
+
+
+def add_signatures(module: tf.Module, kind: str) -> dict:
+    """Attach tf.functions with explicit tf.string signatures; returns the signatures dict."""
+    history = tf.TensorSpec([None, None], tf.string, name="history")
+    events = tf.TensorSpec([None, None], tf.string, name="event_types")
+    if kind == "ranking":
+        candidates = tf.TensorSpec([None, None], tf.string, name="candidates")
+        module.serve = tf.function(lambda history, candidates: module.score(
+            history, None, candidates), input_signature=[history, candidates])
+        module.serve_events = tf.function(
+            lambda history, event_types, candidates: module.score(history, event_types,
+                                                                  candidates),
+            input_signature=[history, events, candidates])
+        return {"serving_default": module.serve, "with_event_types": module.serve_events}
+    module.serve = tf.function(lambda history: module.top_k(history, None, True),
+                               input_signature=[history])
+    module.serve_events = tf.function(
+        lambda history, event_types: module.top_k(history, event_types, True),
+        input_signature=[history, events])
+    module.serve_all = tf.function(lambda history: module.top_k(history, None, False),
+                                   input_signature=[history])
+    return {"serving_default": module.serve, "with_event_types": module.serve_events,
+            "include_seen": module.serve_all}

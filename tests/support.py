@@ -1,0 +1,69 @@
+"""Test fixtures built in-process: a tiny prepared data set with learnable structure and a tiny
+random DistilBERT saved like a Hugging Face model directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+WORDS = ["red", "blue", "green", "mug", "lamp", "candle", "heart", "garden", "metal", "glass",
+         "wooden", "box", "bag", "star", "paper", "light"]
+
+
+def write_processed(out: Path, num_users: int = 60, num_items: int = 24, seq_len: int = 8,
+                    event_types: tuple[str, ...] = ("purchase",), ratings: bool = False,
+                    seed: int = 0) -> Path:
+    """A prepared data set (items/events/manifest) where each user walks the catalog in a
+    fixed cycle (next = current + 1 mod N), so next-item prediction is learnable."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for u in range(num_users):
+        start = int(rng.integers(num_items))
+        length = int(rng.integers(4, seq_len + 1))
+        for t in range(length):
+            split = "test" if t == length - 1 else "valid" if t == length - 2 else "train"
+            kind = event_types[int(rng.integers(len(event_types)))]
+            rows.append((f"u{u:03d}", (start + t) % num_items + 1, 1_000_000 + 60 * t, kind,
+                         float(rng.integers(1, 6)) if ratings else 1.0, split))
+    events = pd.DataFrame(rows, columns=["user_id", "item_idx", "timestamp", "event_type",
+                                         "value", "split"])
+    events = events.astype({"item_idx": "int32", "timestamp": "int64", "value": "float32"})
+    counts = np.bincount(events.loc[events.split == "train", "item_idx"],
+                         minlength=num_items + 1)[1:]
+    items = pd.DataFrame({
+        "item_id": [f"SKU{i:04d}" for i in range(1, num_items + 1)],
+        "item_idx": np.arange(1, num_items + 1, dtype=np.int32),
+        "text": [f"{WORDS[i % len(WORDS)]} {WORDS[(3 * i) % len(WORDS)]} item {i}"
+                 for i in range(1, num_items + 1)],
+        "category": [f"cat{i % 4}" for i in range(1, num_items + 1)],
+        "brand": [f"brand{i % 3}" if i % 5 else "" for i in range(1, num_items + 1)],
+        "price": [float(1 + i % 7) for i in range(1, num_items + 1)],
+        "count": counts.astype(np.int64)})
+    items.to_parquet(out / "items.parquet", index=False)
+    events.to_parquet(out / "events.parquet", index=False)
+    manifest = {"schema_version": 1, "source": "test-fixture",
+                "num_users": num_users, "num_items": num_items, "num_events": len(events)}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def write_tiny_distilbert(out: Path) -> Path:
+    """A random 2-layer, 32-wide DistilBERT + WordPiece tokenizer, saved with save_pretrained."""
+    import tfenv  # noqa: F401
+    from transformers import DistilBertConfig, DistilBertTokenizerFast, TFDistilBertModel
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "item"] + WORDS + [
+        str(i) for i in range(100)]
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    DistilBertTokenizerFast(vocab_file=str(out / "vocab.txt")).save_pretrained(out)
+    config = DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=2,
+                              hidden_dim=64, max_position_embeddings=64)
+    model = TFDistilBertModel(config)
+    model(model.dummy_inputs)
+    model.save_pretrained(out)
+    return out

@@ -1,0 +1,128 @@
+"""Item tower: item vector = id embedding + projected text embedding + metadata embeddings.
+
+Item features (text vectors or token ids, category, brand, price bucket, which ids were seen in
+training) live in non-trainable tables indexed by item_idx, filled once by `set_item_features`.
+Items never seen in training (cold items) get no id embedding, only text and metadata: that is
+what the text tower is for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from towers.text import pool_hidden_states
+
+
+class ItemTower(tf.keras.layers.Layer):
+    """item_idx [...] -> item vector [..., dim]. Index 0 is padding and maps to zeros."""
+
+    def __init__(self, num_items: int, dim: int, text_dim: int = 0, num_categories: int = 0,
+                 num_brands: int = 0, num_price_buckets: int = 0, text_tokens: int = 0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.num_items = num_items  # real items are 1..num_items
+        self.dim = dim
+        self.text_dim = text_dim  # width of frozen text vectors, 0 = no frozen text
+        self.num_categories = num_categories
+        self.num_brands = num_brands
+        self.num_price_buckets = num_price_buckets
+        self.text_tokens = text_tokens  # >0: finetune mode, token ids stored per item
+        self.text_encoder: tf.keras.Model | None = None
+
+    def attach_text_encoder(self, encoder: tf.keras.Model, pooling: str,
+                            trainable_layers: int) -> None:
+        """Finetune mode: run the Hugging Face encoder inside the graph on the items needed."""
+        self.text_encoder = encoder
+        self.pooling = pooling
+        layers = _transformer_layers(encoder)
+        encoder.trainable = True
+        for i, layer in enumerate(layers):
+            layer.trainable = i >= len(layers) - trainable_layers
+        for layer in _embedding_layers(encoder):
+            layer.trainable = False
+
+    def build(self, input_shape):
+        rows = self.num_items + 1
+        init = tf.keras.initializers.TruncatedNormal(stddev=0.02)
+        self.id_embedding = self.add_weight("id_embedding", [rows, self.dim], initializer=init)
+        self.warm = self.add_weight("warm", [rows], initializer="zeros", trainable=False)
+        if self.text_dim:
+            self.text_table = self.add_weight("text_table", [rows, self.text_dim],
+                                              initializer="zeros", trainable=False)
+        if self.text_tokens:
+            self.token_table = self.add_weight("token_table", [rows, self.text_tokens],
+                                               dtype=tf.int32, initializer="zeros",
+                                               trainable=False)
+        if self.text_dim or self.text_tokens:
+            self.text_projection = tf.keras.layers.Dense(self.dim, name="text_projection")
+        self.meta_tables = {}
+        for name, size in (("category", self.num_categories), ("brand", self.num_brands),
+                           ("price_bucket", self.num_price_buckets)):
+            if size:
+                self.meta_tables[name] = (
+                    self.add_weight(f"{name}_of_item", [rows], dtype=tf.int32,
+                                    initializer="zeros", trainable=False),
+                    self.add_weight(f"{name}_embedding", [size + 1, self.dim], initializer=init))
+        super().build(input_shape)
+
+    def set_item_features(self, warm: np.ndarray, text: np.ndarray | None = None,
+                          tokens: np.ndarray | None = None,
+                          meta: dict[str, np.ndarray] | None = None) -> None:
+        """Fill the feature tables; every array has num_items + 1 rows (row 0 = padding)."""
+        if not self.built:
+            self.build(None)
+        self.warm.assign(warm.astype(np.float32))
+        if self.text_dim:
+            self.text_table.assign(text.astype(np.float32))
+        if self.text_tokens:
+            self.token_table.assign(tokens.astype(np.int32))
+        for name, (table, _) in self.meta_tables.items():
+            table.assign(meta[name].astype(np.int32))
+
+    def _text_vectors(self, flat_ids: tf.Tensor) -> tf.Tensor:
+        if self.text_tokens and self.text_encoder is not None:
+            # Encode each distinct item once per call, then scatter back.
+            unique, position = tf.unique(flat_ids)
+            tokens = tf.gather(self.token_table, unique)  # [u, tokens]
+            mask = tf.cast(tokens != 0, tf.int32)
+            hidden = self.text_encoder(input_ids=tokens, attention_mask=mask,
+                                       training=False).last_hidden_state
+            pooled = pool_hidden_states(hidden, mask, self.pooling)  # [u, hidden]
+            return tf.gather(pooled, position)
+        return tf.gather(self.text_table, flat_ids)
+
+    def call(self, item_idx: tf.Tensor) -> tf.Tensor:
+        shape = tf.shape(item_idx)
+        ids = tf.reshape(tf.cast(item_idx, tf.int32), [-1])  # [n]
+        vectors = tf.gather(self.id_embedding, ids) * tf.gather(self.warm, ids)[:, None]
+        if self.text_dim or self.text_tokens:
+            text = tf.cast(self._text_vectors(ids), self.compute_dtype)
+            vectors += tf.cast(self.text_projection(text), vectors.dtype)
+        for table, embedding in self.meta_tables.values():
+            vectors += tf.gather(embedding, tf.gather(table, ids))
+        vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
+        return tf.reshape(vectors, tf.concat([shape, [self.dim]], axis=0))  # [..., dim]
+
+    def get_config(self):
+        return {**super().get_config(), "num_items": self.num_items, "dim": self.dim,
+                "text_dim": self.text_dim, "num_categories": self.num_categories,
+                "num_brands": self.num_brands, "num_price_buckets": self.num_price_buckets,
+                "text_tokens": self.text_tokens}
+
+
+def _transformer_layers(encoder: tf.keras.Model) -> list:
+    """The encoder's transformer blocks, bottom to top (DistilBERT and BERT layouts)."""
+    main = encoder.layers[0]
+    for path in (("transformer", "layer"), ("encoder", "layer")):
+        obj = main
+        for attr in path:
+            obj = getattr(obj, attr, None)
+        if obj is not None:
+            return list(obj)
+    raise ValueError(f"cannot find transformer layers in {type(encoder).__name__}")
+
+
+def _embedding_layers(encoder: tf.keras.Model) -> list:
+    main = encoder.layers[0]
+    return [main.embeddings] if hasattr(main, "embeddings") else []

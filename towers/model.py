@@ -1,0 +1,153 @@
+"""The two-tower multitask model: next-item retrieval + ranking, trained jointly with tfrs.
+
+total loss = retrieval_weight * retrieval + ranking_weight * ranking
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from towers.item_tower import ItemTower
+from towers.tasks import NextItemRetrieval
+from towers.user_tower import UserTower
+
+RANKING_MODES = ("rating", "purchase", "none")
+
+
+class RankingHead(tf.keras.layers.Layer):
+    """Score of (user vector, item vector) from [u, i, u * i] through a small MLP."""
+
+    def __init__(self, hidden: int, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = hidden
+        self.mlp = tf.keras.Sequential([tf.keras.layers.Dense(hidden, activation="relu"),
+                                        tf.keras.layers.Dense(1, dtype="float32")])
+
+    def call(self, users: tf.Tensor, items: tf.Tensor) -> tf.Tensor:
+        features = tf.concat([users, items, users * items], axis=-1)  # [..., 3 * dim]
+        return tf.squeeze(self.mlp(features), axis=-1)  # [...]
+
+    def get_config(self):
+        return {**super().get_config(), "hidden": self.hidden}
+
+
+class TwoTowerModel(tfrs.models.Model):
+    """Sequence-aware two-tower model.
+
+    Batch features: `history` int32 [batch, seq] (left-padded input items), `targets`
+    [batch, seq] (the next item at each position, 0 = none), optional `event_types`
+    [batch, seq], `target_values` float [batch, seq] (rating), `target_purchase` [batch, seq].
+    """
+
+    def __init__(self, item_tower: ItemTower, user_tower: UserTower,
+                 retrieval: NextItemRetrieval, ranking_mode: str = "none",
+                 retrieval_weight: float = 1.0, ranking_weight: float = 0.0,
+                 purchase_pos_weight: float = 1.0):
+        super().__init__()
+        if ranking_mode not in RANKING_MODES:
+            raise ValueError(f"ranking mode must be one of {RANKING_MODES}, got {ranking_mode!r}")
+        self.item_tower, self.user_tower, self.retrieval = item_tower, user_tower, retrieval
+        self.ranking_mode = ranking_mode if ranking_weight > 0 else "none"
+        self.retrieval_weight, self.ranking_weight = retrieval_weight, ranking_weight
+        self.purchase_pos_weight = purchase_pos_weight
+        self.ranking_head = RankingHead(2 * item_tower.dim, name="ranking_head")
+        loss = (tf.keras.losses.MeanSquaredError(reduction="sum")
+                if self.ranking_mode == "rating"
+                else tf.keras.losses.BinaryCrossentropy(from_logits=True, reduction="sum"))
+        self.ranking = tfrs.tasks.Ranking(loss=loss)
+
+    # ---- inference pieces, reused by evaluation and export ----
+    def all_item_vectors(self) -> tf.Tensor:
+        ids = tf.range(self.item_tower.num_items + 1)
+        return self.item_tower(ids)  # [num_items + 1, dim]
+
+    def sequence_vectors(self, history: tf.Tensor, item_vectors: tf.Tensor | None = None,
+                         event_types: tf.Tensor | None = None,
+                         training: bool | None = None) -> tf.Tensor:
+        """User vector after each position: [batch, seq, dim]."""
+        if item_vectors is None:
+            embedded = self.item_tower(history)
+        else:
+            embedded = tf.gather(item_vectors, history)  # [batch, seq, dim]
+        return self.user_tower(embedded, history > 0, event_types=event_types,
+                               training=training)
+
+    def user_vector(self, history: tf.Tensor, item_vectors: tf.Tensor | None = None,
+                    event_types: tf.Tensor | None = None) -> tf.Tensor:
+        """User vector after the newest item of a left-padded history: [batch, dim]."""
+        return self.sequence_vectors(history, item_vectors, event_types, training=False)[:, -1]
+
+    def rank(self, users: tf.Tensor, items: tf.Tensor) -> tf.Tensor:
+        """Ranking-head scores: users [batch, dim], items [batch, n, dim] -> [batch, n]."""
+        n = tf.shape(items)[1]
+        tiled = tf.repeat(users[:, None, :], n, axis=1)
+        return self.ranking_head(tiled, items)
+
+    # ---- training ----
+    def compute_loss(self, features, training: bool = False) -> tf.Tensor:
+        history, targets = features["history"], features["targets"]
+        full = self.retrieval.mode == "full"
+        all_items = self.all_item_vectors() if full else None
+        sequence = self.sequence_vectors(history, all_items, features.get("event_types"),
+                                         training=training)  # [batch, seq, dim]
+        has_target = targets > 0
+        queries = tf.boolean_mask(sequence, has_target)  # [positions, dim]
+        target_ids = tf.boolean_mask(targets, has_target)  # [positions]
+        if full:
+            retrieval_loss = self.retrieval(queries, target_ids, all_items)
+            target_vectors = tf.gather(all_items, target_ids)
+        else:
+            pool, target_index = self.retrieval.candidate_pool(target_ids)
+            pool_vectors = self.item_tower(pool)  # [c, dim]
+            retrieval_loss = self.retrieval(queries, target_ids, pool_vectors, pool,
+                                            target_index)
+            target_vectors = tf.gather(pool_vectors, target_index)
+        loss = self.retrieval_weight * retrieval_loss
+        if self.ranking_mode != "none":
+            loss += self.ranking_weight * self._ranking_loss(
+                features, has_target, queries, target_vectors, training)
+        return loss
+
+    def _ranking_loss(self, features, has_target, queries, target_vectors, training):
+        queries = tf.cast(queries, tf.float32)
+        target_vectors = tf.cast(target_vectors, tf.float32)
+        if self.ranking_mode == "rating":
+            labels = tf.boolean_mask(features["target_values"], has_target)
+            predictions = self.ranking_head(queries, target_vectors)
+            weights = tf.ones_like(labels)
+        else:
+            # Observed next items (label 1 if purchased) against one uniform negative each.
+            positives = tf.boolean_mask(features["target_purchase"], has_target)
+            negative_ids = tf.random.uniform(tf.shape(positives), 1,
+                                             self.item_tower.num_items + 1, tf.int32)
+            negatives = tf.cast(self.item_tower(negative_ids), tf.float32)
+            predictions = tf.concat([self.ranking_head(queries, target_vectors),
+                                     self.ranking_head(queries, negatives)], axis=0)
+            labels = tf.concat([positives, tf.zeros_like(positives)], axis=0)
+            weights = 1.0 + (self.purchase_pos_weight - 1.0) * labels
+        total = self.ranking(labels=labels[:, None], predictions=predictions[:, None],
+                             sample_weight=weights, training=training)
+        return total / tf.maximum(tf.reduce_sum(weights), 1.0)
+
+    def train_step(self, inputs):
+        # Differs from tfrs.Model.train_step in two ways: the loss is divided by the replica
+        # count (gradients are summed across replicas), and a mixed-precision LossScaleOptimizer
+        # gets a scaled loss so float16 gradients do not underflow.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        scaled_optimizer = isinstance(self.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(inputs, training=True)
+            total_loss = loss + tf.add_n([tf.reduce_sum(x) for x in self.losses] + [0.0])
+            step_loss = total_loss / replicas
+            if scaled_optimizer:
+                step_loss = self.optimizer.get_scaled_loss(step_loss)
+        gradients = tape.gradient(step_loss, self.trainable_variables)
+        if scaled_optimizer:
+            gradients = self.optimizer.get_unscaled_gradients(gradients)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        return {"loss": loss, "total_loss": total_loss}
+
+    def test_step(self, inputs):
+        loss = self.compute_loss(inputs, training=False)
+        return {"loss": loss}

@@ -1,0 +1,82 @@
+"""Next-item retrieval loss at every sequence position: full softmax, or sampled softmax over
+in-batch items plus uniformly sampled negatives with log-Q correction (Yi et al. 2019).
+
+tfrs.tasks.Retrieval scores every query against every in-batch candidate with diagonal labels,
+a [positions, positions] matrix: at 128 sequences x 200 positions that is 25,600^2 logits. Here
+the in-batch candidates are the batch's distinct target items, shared by all positions, which
+keeps the logits at [positions, distinct items + negatives]; tfrs's own layers remove
+accidental hits and apply the sampling-probability correction.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+
+def mixed_sampling_probability(candidate_ids: tf.Tensor, popularity: tf.Tensor,
+                               num_positives: tf.Tensor, num_sampled: int,
+                               num_items: int) -> tf.Tensor:
+    """Probability that one candidate draw is each item, for a pool made of the batch's targets
+    (drawn by popularity, `num_positives` draws) and `num_sampled` uniform draws over items."""
+    positives = tf.cast(num_positives, tf.float32)
+    pop = tf.gather(popularity, candidate_ids)  # [candidates]
+    return (positives * pop + num_sampled / num_items) / (positives + num_sampled)
+
+
+class NextItemRetrieval(tf.keras.layers.Layer):
+    """Softmax cross-entropy of each query's next item against the candidate items.
+
+    `popularity` holds each item's share of training targets (index 0 = padding = 0); it is the
+    sampling distribution of in-batch candidates, used for the log-Q correction.
+    """
+
+    def __init__(self, num_items: int, mode: str = "full", num_negatives: int = 1024,
+                 logq_correction: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("full", "sampled"):
+            raise ValueError(f"retrieval mode must be 'full' or 'sampled', got {mode!r}")
+        self.num_items, self.mode = num_items, mode
+        self.num_negatives, self.logq_correction = num_negatives, logq_correction
+        self.remove_accidental_hits = tfrs.layers.loss.RemoveAccidentalHits()
+        self.logq = tfrs.layers.loss.SamplingProbablityCorrection()
+
+    def build(self, input_shape):
+        self.popularity = self.add_weight("popularity", [self.num_items + 1],
+                                          initializer="zeros", trainable=False)
+        super().build(input_shape)
+
+    def candidate_pool(self, target_ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Sampled mode: (candidate ids [c], index of each target in them [positions])."""
+        distinct, target_index = tf.unique(target_ids)
+        negatives = tf.random.uniform([self.num_negatives], 1, self.num_items + 1, tf.int32)
+        return tf.concat([distinct, negatives], axis=0), target_index
+
+    def call(self, queries: tf.Tensor, target_ids: tf.Tensor, candidates: tf.Tensor,
+             candidate_ids: tf.Tensor | None = None,
+             target_index: tf.Tensor | None = None) -> tf.Tensor:
+        """Mean loss over positions.
+
+        queries [positions, dim]; target_ids [positions]. Full mode: candidates are all items
+        [num_items + 1, dim] (row 0 padding). Sampled mode: candidates [c, dim] for
+        `candidate_ids` [c] from `candidate_pool`, `target_index` the label column per position.
+        """
+        logits = tf.matmul(tf.cast(queries, tf.float32), tf.cast(candidates, tf.float32),
+                           transpose_b=True)  # [positions, candidates]
+        if self.mode == "full":
+            padding = tf.one_hot(0, self.num_items + 1, on_value=-1e9, off_value=0.0)
+            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(target_ids, logits + padding)
+            return tf.reduce_mean(losses)
+        labels = tf.one_hot(target_index, tf.shape(candidate_ids)[0])  # [positions, c]
+        logits = self.remove_accidental_hits(labels, logits, candidate_ids)
+        if self.logq_correction:
+            q = mixed_sampling_probability(candidate_ids, self.popularity,
+                                           tf.shape(target_ids)[0], self.num_negatives,
+                                           self.num_items)
+            logits = self.logq(logits, q[None, :])
+        losses = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
+        return tf.reduce_mean(losses)
+
+    def get_config(self):
+        return {**super().get_config(), "num_items": self.num_items, "mode": self.mode,
+                "num_negatives": self.num_negatives, "logq_correction": self.logq_correction}

@@ -1,0 +1,131 @@
+"""TrainConfig: every training hyper-parameter in one dataclass, loadable from YAML and
+overridable by command-line flags; saved beside every run."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    # towers
+    user_tower: str = "sasrec"  # sasrec | gru
+    text_model: str = "distilbert-base-uncased"  # hub name, local path, "minilm" or "none"
+    text_fallback: bool = False  # if the text model can't be loaded, use the packaged MiniLM
+    text_mode: str = "frozen"  # frozen (cached embeddings) | finetune (encoder in the graph)
+    text_pooling: str = "mean"  # mean | cls
+    text_max_length: int = 64
+    text_batch_size: int = 64
+    finetune_layers: int = 2  # top transformer blocks trained in finetune mode
+    cache_dir: str = "cache/text"
+    use_metadata: bool = True  # category / brand / price-bucket embeddings
+    price_buckets: int = 10
+    use_user_id: bool = False
+    dim: int = 64
+    max_seq_len: int = 50
+    num_blocks: int = 2
+    num_heads: int = 1
+    dropout: float = 0.2
+    gru_layers: int = 1
+    # tasks
+    negatives: str = "auto"  # auto | full | sampled
+    full_softmax_max_items: int = 50_000  # auto: full softmax up to this catalog size
+    num_negatives: int = 1024
+    logq_correction: bool = True
+    retrieval_weight: float = 1.0
+    ranking_weight: float = 0.1
+    ranking_target: str = "auto"  # auto | rating | purchase | none
+    # optimisation
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    patience: int = 10  # epochs without valid NDCG@10 improvement before stopping
+    time_budget_minutes: float = 0.0  # 0 = no budget
+    seed: int = 42
+    mixed_precision: str = "auto"  # auto (on with a GPU) | on | off
+    distribute: str = "auto"  # auto (mirrored with >1 GPU) | mirrored | multiworker | none
+    # evaluation
+    valid_users: int = 0  # 0 = all users; else a fixed random subset for per-epoch validation
+    eval_batch_size: int = 512
+    sampled_negatives: int = 100
+    cold_items: float = 0.0  # fraction of items held out of training entirely
+    # export
+    export: bool = True
+    export_k: int = 100
+    scann_num_leaves: int = 0  # 0 = chosen from catalog size
+    scann_leaves_to_search: int = 0
+    scann_reorder: int = 0
+
+    def validate(self) -> None:
+        choices = {"user_tower": ("sasrec", "gru"), "text_mode": ("frozen", "finetune"),
+                   "text_pooling": ("mean", "cls"), "negatives": ("auto", "full", "sampled"),
+                   "ranking_target": ("auto", "rating", "purchase", "none"),
+                   "mixed_precision": ("auto", "on", "off"),
+                   "distribute": ("auto", "mirrored", "multiworker", "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config {name}={getattr(self, name)!r}: expected one of "
+                                 f"{', '.join(allowed)}")
+        for name in ("dim", "max_seq_len", "epochs", "batch_size", "num_blocks", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"config dim={self.dim} must be divisible by "
+                             f"num_heads={self.num_heads}")
+        if not 0.0 <= self.cold_items < 1.0:
+            raise ValueError(f"config cold_items must be in [0, 1), got {self.cold_items}")
+        if self.text_mode == "finetune" and self.negatives == "full":
+            raise ValueError("text_mode=finetune needs negatives=sampled (full softmax would "
+                             "run the text encoder over the whole catalog every step)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ValueError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path}: invalid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path}: expected a mapping of settings")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _flag_type(field: dataclasses.Field):
+    default = field.default
+    if isinstance(default, bool):
+        return lambda s: s.lower() in ("1", "true", "yes", "on")
+    return type(default)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per TrainConfig field (dashes for underscores); defaults None = not given."""
+    for field in fields(TrainConfig):
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name,
+                            type=_flag_type(field), default=None,
+                            help=f"default: {field.default}")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the --config YAML file, then explicit flags, in that order."""
+    config = TrainConfig.from_yaml(args.config) if getattr(args, "config", None) else TrainConfig()
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    config = dataclasses.replace(config, **overrides)
+    config.validate()
+    return config
