@@ -89,7 +89,8 @@ def _load_run(run_dir: Path):
 def restore_model(run_dir: Path):
     """Rebuild the trained model of a run from its config, data and best checkpoint."""
     config, spec, run_info = _load_run(run_dir)
-    items, manifest, seqs, features = prepare(config, run_info["data"])
+    source = spec.text_source if spec.text_source != "none" else None
+    items, manifest, seqs, features = prepare(config, run_info["data"], source)
     model = build_model(config, spec)
     counts = seqs.train_counts().astype(np.float64)
     install_features(model, features, config, counts / max(counts.sum(), 1.0))
@@ -129,8 +130,9 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
     item_vectors = tf.cast(model.all_item_vectors(), tf.float32).numpy()
     lookup = ItemLookup(items["item_id"].astype(str).to_numpy(), spec.event_vocab)
     use_events = spec.num_event_types > 0
+    default_event = int(np.argmax(np.bincount(seqs.event_types))) if len(seqs.items) else 0
     base = dict(user_tower=model.user_tower, item_vectors=item_vectors, lookup=lookup,
-                max_len=config.max_seq_len, use_events=use_events)
+                max_len=config.max_seq_len, use_events=use_events, default_event=default_event)
     k = min(config.export_k, spec.num_items)
     brute = BruteForceRetrieval(k=k, **base)
     params = ScannParams.for_catalog(spec.num_items, k + config.max_seq_len, config)
@@ -181,6 +183,8 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
                              if metrics_file.exists() else None),
             "k": k, "max_seq_len": config.max_seq_len, "embedding_dim": config.dim,
             "event_types": spec.event_vocab,
+            "default_event_type": (spec.event_vocab[default_event - 1] if default_event
+                                   else None),
             "scann": {**params.__dict__, "candidates": k + config.max_seq_len,
                       "recall@10_vs_bruteforce": recall, "recall_users": int(len(sample))},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -56,17 +56,21 @@ def newest_left_padded(idx: tf.Tensor, extra: tf.Tensor, max_len: int):
 
 class _Base(tf.Module):
     def __init__(self, user_tower: tf.keras.layers.Layer, item_vectors: np.ndarray,
-                 lookup: ItemLookup, max_len: int, use_events: bool):
+                 lookup: ItemLookup, max_len: int, use_events: bool, default_event: int = 0):
         super().__init__()
         self.user_tower = user_tower
         self.item_vectors = tf.constant(item_vectors, tf.float32)  # [num_items + 1, dim]
         self.lookup, self.max_len, self.use_events = lookup, max_len, use_events
+        # Event type assumed when a request gives none (or an unknown one): the most common
+        # in training, so the user tower sees inputs like those it was trained on.
+        self.default_event = default_event
 
     def user_vectors(self, history: tf.Tensor, event_types: tf.Tensor | None):
         """-> (user vectors [batch, dim], all history idx [batch, n] for exclusion)."""
         idx = self.lookup.items(history)
         kinds = (self.lookup.events(event_types) if event_types is not None
                  else tf.zeros_like(idx))
+        kinds = tf.where(kinds > 0, kinds, tf.fill(tf.shape(kinds), self.default_event))
         items, kinds = newest_left_padded(idx, kinds, self.max_len)
         vectors = tf.gather(self.item_vectors, items)  # [batch, max_len, dim]
         encoded = self.user_tower(vectors, items > 0,

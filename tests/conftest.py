@@ -7,3 +7,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tfenv  # noqa: E402,F401
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """One tiny trained-and-exported model shared by the export and API tests:
+    (run_dir, export_dir, metrics). Version 1 lives at export_dir / "1"."""
+    from support import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("tiny"))

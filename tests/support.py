@@ -67,3 +67,21 @@ def write_tiny_distilbert(out: Path) -> Path:
     model(model.dummy_inputs)
     model.save_pretrained(out)
     return out
+
+
+def train_tiny(workdir: Path, user_tower: str = "sasrec", epochs: int = 2,
+               text_model: str | None = "tiny", export: bool = True, **overrides):
+    """Prepare a fixture data set, train a tiny model for a few epochs and (by default) export
+    it. Returns (run_dir, export_dir, metrics)."""
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    data = write_processed(workdir / "data", event_types=("view", "purchase"))
+    if text_model == "tiny":
+        text_model = str(write_tiny_distilbert(workdir / "tinybert"))
+    config = TrainConfig(user_tower=user_tower, epochs=epochs, dim=16, max_seq_len=8,
+                         text_model=text_model or "none", cache_dir=str(workdir / "cache"),
+                         export_k=20, **overrides)
+    run_dir, export_dir = workdir / "run", workdir / "export"
+    metrics = train(config, data, run_dir, export_dir=export_dir if export else None)
+    return run_dir, export_dir, metrics

@@ -44,8 +44,10 @@ class ItemTower(tf.keras.layers.Layer):
 
     def build(self, input_shape):
         rows = self.num_items + 1
-        init = tf.keras.initializers.TruncatedNormal(stddev=0.02)
-        self.id_embedding = self.add_weight("id_embedding", [rows, self.dim], initializer=init)
+        def init():  # a fresh initializer per table, so tables don't start identical
+            return tf.keras.initializers.TruncatedNormal(stddev=0.02)
+
+        self.id_embedding = self.add_weight("id_embedding", [rows, self.dim], initializer=init())
         self.warm = self.add_weight("warm", [rows], initializer="zeros", trainable=False)
         if self.text_dim:
             self.text_table = self.add_weight("text_table", [rows, self.text_dim],
@@ -63,7 +65,7 @@ class ItemTower(tf.keras.layers.Layer):
                 self.meta_tables[name] = (
                     self.add_weight(f"{name}_of_item", [rows], dtype=tf.int32,
                                     initializer="zeros", trainable=False),
-                    self.add_weight(f"{name}_embedding", [size + 1, self.dim], initializer=init))
+                    self.add_weight(f"{name}_embedding", [size + 1, self.dim], initializer=init()))
         super().build(input_shape)
 
     def set_item_features(self, warm: np.ndarray, text: np.ndarray | None = None,

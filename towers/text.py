@@ -82,7 +82,7 @@ def load_text_encoder(name: str, allow_fallback: bool = False) -> TextEncoder:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = TFAutoModel.from_pretrained(name)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # offline hub, bad repo id, missing files
         if not allow_fallback:
             raise ValueError(f"text model '{name}' could not be loaded: {err}") from err
         log.warning("text model %s unavailable (%s); using packaged all-MiniLM-L6-v2",
@@ -157,6 +157,17 @@ class TextEmbeddingCache:
         tmp = self.path.with_suffix(f".tmp-{os.getpid()}.npz")
         np.savez(tmp, hashes=hashes, embeddings=embeddings, key=np.array(self.key))
         os.replace(tmp, self.path)
+
+
+def cached_only(model_source: str, texts: list[str], cache_dir: str | os.PathLike,
+                max_length: int, pooling: str) -> np.ndarray | None:
+    """All embeddings from the cache, or None if any text is missing from it."""
+    hashes, known = TextEmbeddingCache(cache_dir, model_source, max_length, pooling).load()
+    position = {h: i for i, h in enumerate(hashes.tolist())}
+    rows = [position.get(h) for h in _text_hashes(texts).tolist()]
+    if any(r is None for r in rows):
+        return None
+    return known[np.array(rows, np.int64)].astype(np.float32)
 
 
 def cached_text_embeddings(encoder: TextEncoder, texts: list[str], cache_dir: str | os.PathLike,

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from towers.text import TextEncoder, cached_text_embeddings, load_text_encoder, tokenize
+from towers.text import (TextEncoder, cached_only, cached_text_embeddings, load_text_encoder,
+                         tokenize)
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,13 @@ def price_buckets(prices: pd.Series, buckets: int) -> np.ndarray:
     return out
 
 
-def item_features(items: pd.DataFrame, warm_counts: np.ndarray,
-                  config: TrainConfig) -> ItemFeatures:
-    """Build every table the item tower needs from items.parquet (sorted by item_idx)."""
+def item_features(items: pd.DataFrame, warm_counts: np.ndarray, config: TrainConfig,
+                  text_source: str | None = None) -> ItemFeatures:
+    """Build every table the item tower needs from items.parquet (sorted by item_idx).
+
+    `text_source` (the encoder a finished run actually used) lets a re-export read frozen text
+    vectors from the cache without loading the encoder at all.
+    """
     num_items = len(items)
     pad = lambda a: np.concatenate([np.zeros((1,) + a.shape[1:], a.dtype), a])  # noqa: E731
     features = ItemFeatures(warm=(warm_counts > 0).astype(np.float32))
@@ -67,9 +72,16 @@ def item_features(items: pd.DataFrame, warm_counts: np.ndarray,
             features.meta_sizes["price_bucket"] = config.price_buckets
     if config.text_model == "none":
         return features
-    encoder = load_text_encoder(config.text_model, allow_fallback=config.text_fallback)
-    features.text_source, features.encoder = encoder.source, encoder
     texts = items["text"].fillna("").astype(str).tolist()
+    if text_source and config.text_mode == "frozen":
+        cached = cached_only(text_source, texts, config.cache_dir, config.text_max_length,
+                             config.text_pooling)
+        if cached is not None:
+            features.text, features.text_source = pad(cached), text_source
+            return features
+    encoder = load_text_encoder(text_source or config.text_model,
+                                allow_fallback=config.text_fallback and not text_source)
+    features.text_source, features.encoder = encoder.source, encoder
     if config.text_mode == "frozen":
         vectors, encoded = cached_text_embeddings(encoder, texts, config.cache_dir,
                                                   config.text_max_length, config.text_pooling,

@@ -218,12 +218,12 @@ def plot_curves(history: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def prepare(config: TrainConfig, data_dir: str | Path):
+def prepare(config: TrainConfig, data_dir: str | Path, text_source: str | None = None):
     """Load prepared data and build sequences and item features (no TensorFlow model yet)."""
     items, events, manifest = load_processed(data_dir)
     num_items = len(items)
     seqs = build_sequences(events, num_items, config.cold_items, config.seed)
-    features = item_features(items, seqs.train_counts(), config)
+    features = item_features(items, seqs.train_counts(), config, text_source)
     return items, manifest, seqs, features
 
 

@@ -1,0 +1,182 @@
+"""Exported SavedModels, loaded in a fresh Python process as a server would load them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import serving.export as export
+from serving.modules import NEG_INF
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LOADER = r"""
+import json, sys
+sys.path.insert(0, {root!r})
+import tfenv
+import tensorflow as tf
+if {with_scann}:
+    import scann  # registers the Scann ops
+model = tf.saved_model.load({path!r})
+histories = tf.constant(json.loads({histories!r}))
+out = model.signatures["serving_default"](history=histories)
+print(json.dumps({{"scann_imported": "scann" in sys.modules,
+                  "item_ids": out["item_ids"].numpy().astype(str).tolist(),
+                  "scores": out["scores"].numpy().tolist(),
+                  "signatures": sorted(model.signatures.keys())}}))
+"""
+
+
+def _load_in_subprocess(path: Path, histories: list, with_scann: bool) -> dict:
+    code = LOADER.format(root=str(ROOT), path=str(path), histories=json.dumps(histories),
+                         with_scann=with_scann)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def restored(tiny_export):
+    run_dir, export_dir, _ = tiny_export
+    config, spec, _, model, items, _, seqs = export.restore_model(run_dir)
+    return config, model, items, export_dir / "1"
+
+
+def _histories(items):
+    ids = items["item_id"].tolist()
+    return [[ids[0], ids[1], ids[2], "", ""], ["", ids[5], "NOT-AN-ITEM", ids[6], ids[7]],
+            [ids[10], ids[11], ids[12], ids[13], ids[14]]]
+
+
+def _exact_top_k(model, items, config, histories, k, version):
+    """Reference answer from the in-memory model: exact scores, history excluded, every event
+    of the default type (what a request without event types means)."""
+    metadata = json.loads((version / "metadata.json").read_text())
+    event = metadata["event_types"].index(metadata["default_event_type"]) + 1
+    index = {item: i + 1 for i, item in enumerate(items["item_id"])}
+    vectors = tf.cast(model.all_item_vectors(), tf.float32).numpy()
+    out = []
+    for row in histories:
+        idx = [index[x] for x in row if x in index][-config.max_seq_len:]
+        padded = np.zeros((1, config.max_seq_len), np.int32)
+        padded[0, config.max_seq_len - len(idx):] = idx
+        events = np.where(padded > 0, event, 0).astype(np.int32)
+        user = model.user_vector(tf.constant(padded), tf.constant(vectors),
+                                 tf.constant(events)).numpy()[0]
+        scores = vectors @ user
+        scores[0] = -np.inf
+        scores[idx] = -np.inf
+        best = np.argsort(-scores, kind="stable")[:k]
+        out.append(([items["item_id"].iloc[i - 1] for i in best], scores[best]))
+    return out
+
+
+def test_bruteforce_equals_in_memory_model_without_scann(restored):
+    config, model, items, version = restored
+    histories = _histories(items)
+    loaded = _load_in_subprocess(version / "retrieval_bruteforce", histories, with_scann=False)
+    assert not loaded["scann_imported"]
+    assert {"serving_default", "with_event_types", "include_seen"} <= set(loaded["signatures"])
+    for (ids, scores), got_ids, got_scores, hist in zip(
+            _exact_top_k(model, items, config, histories, 10, version), loaded["item_ids"],
+            loaded["scores"], histories):
+        assert got_ids[:10] == ids
+        assert np.allclose(got_scores[:10], scores, atol=1e-4)
+        assert not set(got_ids[:10]) & set(hist)  # seen items excluded
+
+
+def test_scann_model_recall_against_exact(restored):
+    config, model, items, version = restored
+    histories = _histories(items)
+    loaded = _load_in_subprocess(version / "retrieval", histories, with_scann=True)
+    exact = _exact_top_k(model, items, config, histories, 10, version)
+    recall = np.mean([len(set(got[:10]) & set(ids)) / 10
+                      for got, (ids, _) in zip(loaded["item_ids"], exact)])
+    assert recall >= 0.95
+    metadata = json.loads((version / "metadata.json").read_text())
+    assert metadata["scann"]["recall@10_vs_bruteforce"] >= 0.95
+
+
+def test_unknown_ids_are_padding(restored):
+    _, _, items, version = restored
+    model = tf.saved_model.load(str(version / "retrieval_bruteforce"))
+    ids = items["item_id"].tolist()
+    plain = model.signatures["serving_default"](history=tf.constant([[ids[3], ids[4]]]))
+    noisy = model.signatures["serving_default"](
+        history=tf.constant([["???", ids[3], "", "nope", ids[4], ""]]))
+    assert plain["item_ids"].numpy().tolist() == noisy["item_ids"].numpy().tolist()
+    assert np.allclose(plain["scores"].numpy(), noisy["scores"].numpy(), atol=1e-5)
+
+
+def test_signatures_and_dtypes(restored):
+    _, _, items, version = restored
+    ranking = tf.saved_model.load(str(version / "ranking"))
+    fn = ranking.signatures["serving_default"]
+    inputs = fn.structured_input_signature[1]
+    assert inputs["history"].dtype == tf.string and inputs["candidates"].dtype == tf.string
+    ids = items["item_id"].tolist()
+    out = fn(history=tf.constant([[ids[0], ids[1]]]),
+             candidates=tf.constant([[ids[2], "unknown", ids[3]]]))
+    assert out["scores"].dtype == tf.float32 and out["scores"].shape == (1, 3)
+    assert out["known"].numpy().tolist() == [[True, False, True]]
+    retrieval = tf.saved_model.load(str(version / "retrieval_bruteforce"))
+    outputs = retrieval.signatures["serving_default"].structured_outputs
+    assert outputs["item_ids"].dtype == tf.string and outputs["scores"].dtype == tf.float32
+    include = retrieval.signatures["include_seen"](history=tf.constant([[ids[0]]]))
+    scores = include["scores"].numpy()[0]
+    assert ids[0] in include["item_ids"].numpy().astype(str).tolist() or scores.min() > NEG_INF
+
+
+def test_saved_model_cli_lists_signatures(restored):
+    version = restored[3]
+    cli = Path(sys.executable).parent / "saved_model_cli"
+    result = subprocess.run([str(cli), "show", "--all", "--dir",
+                             str(version / "retrieval_bruteforce")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("serving_default", "with_event_types", "include_seen", "history",
+                 "item_ids", "DT_STRING"):
+        assert name in result.stdout
+
+
+def test_export_files_and_tf_serving_config(tiny_export):
+    _, export_dir, _ = tiny_export
+    version = export_dir / "1"
+    for name in ("item_embeddings.parquet", "items.parquet", "user_histories.parquet",
+                 "metadata.json"):
+        assert (version / name).exists()
+    metadata = json.loads((version / "metadata.json").read_text())
+    for key in ("model_version", "config", "test_metrics", "k", "embedding_dim", "scann",
+                "created", "versions", "data_manifest"):
+        assert key in metadata
+    config_text = (export_dir / "tf_serving" / "models.config").read_text()
+    assert 'name: "retrieval_bruteforce"' in config_text
+    link = export_dir / "tf_serving" / "retrieval_bruteforce" / "1"
+    assert (link / "saved_model.pb").exists()
+
+
+def test_interrupted_export_leaves_no_version(tiny_export, monkeypatch):
+    run_dir, export_dir, _ = tiny_export
+    target = export_dir.parent / "interrupted"
+
+    def die(tmp):
+        raise RuntimeError("simulated crash during export")
+
+    monkeypatch.setattr(export, "_before_rename_hook", die)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        export.export_run(run_dir, target)
+    assert not any(p.name.isdigit() for p in target.iterdir())
+    assert not list(target.glob(".tmp-*"))
+
+
+def test_reexport_makes_next_version(tiny_export, tmp_path):
+    run_dir, _, _ = tiny_export
+    out = tmp_path / "models"
+    first = export.export_run(run_dir, out)
+    second = export.export_run(run_dir, out)
+    assert (first.name, second.name) == ("1", "2")
