@@ -176,8 +176,8 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
         metadata = {
             "model_version": version, "run_dir": str(run_dir.resolve()),
             "data": run_info["data"], "data_source": manifest.get("source"),
-            "data_manifest": {k: manifest.get(k) for k in ("num_users", "num_items",
-                                                           "num_events")},
+            "data_manifest": {k: manifest.get("counts", manifest).get(k)
+                              for k in ("num_users", "num_items", "num_events")},
             "config": config.to_dict(), "model_spec": spec.__dict__,
             "test_metrics": (json.loads(metrics_file.read_text())
                              if metrics_file.exists() else None),

@@ -18,18 +18,21 @@ RANKING_MODES = ("rating", "purchase", "none")
 class RankingHead(tf.keras.layers.Layer):
     """Score of (user vector, item vector) from [u, i, u * i] through a small MLP."""
 
-    def __init__(self, hidden: int, **kwargs):
+    def __init__(self, dim: int, hidden: int, **kwargs):
         super().__init__(**kwargs)
-        self.hidden = hidden
+        self.dim, self.hidden = dim, hidden
         self.mlp = tf.keras.Sequential([tf.keras.layers.Dense(hidden, activation="relu"),
                                         tf.keras.layers.Dense(1, dtype="float32")])
+        # Built eagerly: with ranking_weight 0 the head is never called in training, but it
+        # is still part of the model (checkpoints, export).
+        self.mlp.build((None, 3 * dim))
 
     def call(self, users: tf.Tensor, items: tf.Tensor) -> tf.Tensor:
         features = tf.concat([users, items, users * items], axis=-1)  # [..., 3 * dim]
         return tf.squeeze(self.mlp(features), axis=-1)  # [...]
 
     def get_config(self):
-        return {**super().get_config(), "hidden": self.hidden}
+        return {**super().get_config(), "dim": self.dim, "hidden": self.hidden}
 
 
 class TwoTowerModel(tfrs.models.Model):
@@ -51,7 +54,8 @@ class TwoTowerModel(tfrs.models.Model):
         self.ranking_mode = ranking_mode if ranking_weight > 0 else "none"
         self.retrieval_weight, self.ranking_weight = retrieval_weight, ranking_weight
         self.purchase_pos_weight = purchase_pos_weight
-        self.ranking_head = RankingHead(2 * item_tower.dim, name="ranking_head")
+        self.ranking_head = RankingHead(item_tower.dim, 2 * item_tower.dim,
+                                        name="ranking_head")
         loss = (tf.keras.losses.MeanSquaredError(reduction="sum")
                 if self.ranking_mode == "rating"
                 else tf.keras.losses.BinaryCrossentropy(from_logits=True, reduction="sum"))

@@ -1,0 +1,277 @@
+"""prepare_data.py's command line: read a source, process it, write a data directory.
+
+    python prepare_data.py --source online-retail --input online_retail.parquet \\
+        --out data/processed/retail
+
+Bad input ends with exit code 2 and one message on stderr naming the file (and line); nothing
+is written to --out then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from recdata import readers, synthetic
+from recdata.io import make_manifest, write_processed
+from recdata.process import LEAVE_ONE_OUT, TEMPORAL, ProcessOptions, prepare
+from recdata.schema import DataError, RawData
+
+log = logging.getLogger("recdata")
+
+SOURCES = ("amazon", "movielens", "online-retail", "events", "sample", "synthetic")
+# Flags each source takes (dest names); the first group is required.
+_INPUTS = {
+    "amazon": (("reviews",), ("meta",)),
+    "movielens": (("ratings",), ("movies",)),
+    "online-retail": (("input",), ()),
+    "events": (
+        ("input",),
+        (
+            "items",
+            "user_col",
+            "item_col",
+            "time_col",
+            "event_col",
+            "value_col",
+            "text_cols",
+            "item_id_col",
+            "category_col",
+            "brand_col",
+            "price_col",
+        ),
+    ),
+    "sample": ((), ()),
+    "synthetic": ((), ("num_users", "num_items", "num_events", "seed")),
+}
+_SOURCE_FLAGS = sorted({f for required, optional in _INPUTS.values() for f in required + optional})
+_ITEM_TABLE_FLAGS = ("item_id_col", "text_cols", "category_col", "brand_col", "price_col")
+_DEFAULT_MIN_SEQ_LEN = {"movielens": 5}  # the protocol's MovieLens setting
+_SYNTHETIC_DEFAULTS = {"num_users": 10_000, "num_items": 5_000, "num_events": 200_000, "seed": 0}
+
+
+def _time_arg(text: str) -> int:
+    """Epoch seconds, or an ISO date/datetime (naive means UTC)."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        stamp = pd.Timestamp(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither epoch seconds nor an ISO date"
+        ) from None
+    if stamp.tzinfo is None:
+        stamp = stamp.tz_localize("UTC")
+    return int(stamp.timestamp())
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prepare_data.py",
+        usage="%(prog)s --source SOURCE [inputs] --out DIR [options]  (see --help)",
+        description="Turn a raw interaction data set into items.parquet, events.parquet and "
+        "manifest.json (leave-one-out or temporal split, contiguous item_idx 1..N).",
+    )
+    p.add_argument("--source", required=True, choices=SOURCES)
+    p.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+
+    g = p.add_argument_group("inputs (which ones depend on --source)")
+    g.add_argument("--reviews", type=Path, help="amazon: reviews JSON lines (.json[.gz], .jsonl)")
+    g.add_argument("--meta", type=Path, help="amazon: metadata JSON lines (optional)")
+    g.add_argument("--ratings", type=Path, help="movielens: ratings.dat[.gz] or ratings.csv")
+    g.add_argument("--movies", type=Path, help="movielens: movies.dat or movies.csv (optional)")
+    g.add_argument("--input", type=Path, help="online-retail / events: the data file")
+    g.add_argument("--items", type=Path, help="events: item table, CSV or Parquet (optional)")
+
+    e = p.add_argument_group("events: column mapping")
+    e.add_argument("--user-col", help="user id column (default user_id)")
+    e.add_argument("--item-col", help="item id column (default item_id)")
+    e.add_argument("--time-col", help="time column: epoch s/ms or ISO 8601 (default timestamp)")
+    e.add_argument("--event-col", help="event type column (default: all 'interaction')")
+    e.add_argument("--value-col", help="rating/weight column (default: all 1.0)")
+    e.add_argument("--item-id-col", help="item id column of --items (default: --item-col)")
+    e.add_argument("--text-cols", help="comma-separated --items columns joined into the text")
+    e.add_argument("--category-col", help="--items category column")
+    e.add_argument("--brand-col", help="--items brand column")
+    e.add_argument("--price-col", help="--items price column (numbers or strings like '$9.99')")
+
+    s = p.add_argument_group("synthetic")
+    s.add_argument("--num-users", type=_positive, help="default 10000")
+    s.add_argument("--num-items", type=_positive, help="default 5000")
+    s.add_argument("--num-events", type=_positive, help="default 200000")
+    s.add_argument("--seed", type=int, help="default 0")
+
+    o = p.add_argument_group("processing")
+    o.add_argument(
+        "--keep-repeats",
+        action="store_true",
+        help="keep repeated (user, item) events (default: keep the first only)",
+    )
+    o.add_argument(
+        "--min-seq-len",
+        type=_positive,
+        help="drop users with fewer events (default 3; movielens 5)",
+    )
+    o.add_argument(
+        "--kcore-users",
+        type=_non_negative,
+        default=0,
+        help="iterative k-core: min events per user (default 0: off)",
+    )
+    o.add_argument(
+        "--kcore-items",
+        type=_non_negative,
+        default=0,
+        help="iterative k-core: min events per item (default 0: off)",
+    )
+    o.add_argument("--split", choices=(LEAVE_ONE_OUT, TEMPORAL), default=LEAVE_ONE_OUT)
+    o.add_argument(
+        "--cutoff",
+        type=_time_arg,
+        help="temporal: test starts here (epoch seconds or ISO date, UTC)",
+    )
+    o.add_argument(
+        "--valid-cutoff",
+        type=_time_arg,
+        help="temporal: valid starts here (before --cutoff); default: no valid split",
+    )
+    o.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="skip malformed lines (counted in the manifest) instead of failing",
+    )
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    required, optional = _INPUTS[args.source]
+    for name in required:
+        if getattr(args, name) is None:
+            p.error(f"--source {args.source} needs --{name.replace('_', '-')}")
+    for name in _SOURCE_FLAGS:
+        if getattr(args, name) is not None and name not in required + optional:
+            p.error(f"--{name.replace('_', '-')} does not apply to --source {args.source}")
+    if args.split == TEMPORAL and args.cutoff is None:
+        p.error("--split temporal needs --cutoff")
+    if args.split == LEAVE_ONE_OUT:
+        if args.cutoff is not None or args.valid_cutoff is not None:
+            p.error("--cutoff/--valid-cutoff need --split temporal")
+        if args.min_seq_len is not None and args.min_seq_len < 3:
+            p.error("--split leave-one-out needs --min-seq-len >= 3 (train, valid and test)")
+    if args.valid_cutoff is not None and args.valid_cutoff >= args.cutoff:
+        p.error("--valid-cutoff must be before --cutoff")
+    if args.source == "events" and args.items is None:
+        for name in _ITEM_TABLE_FLAGS:
+            if getattr(args, name) is not None:
+                p.error(f"--{name.replace('_', '-')} needs --items")
+    if args.source == "synthetic":
+        sizes = _synthetic_sizes(args)
+        if sizes["num_events"] < sizes["num_users"] or sizes["num_items"] < 2:
+            p.error("--num-events must be >= --num-users and --num-items >= 2")
+
+
+def _synthetic_sizes(args: argparse.Namespace) -> dict[str, int]:
+    return {
+        k: default if getattr(args, k) is None else getattr(args, k)
+        for k, default in _SYNTHETIC_DEFAULTS.items()
+    }
+
+
+def _event_columns(args: argparse.Namespace) -> readers.EventColumns:
+    text = (
+        tuple(c.strip() for c in args.text_cols.split(",") if c.strip()) if args.text_cols else ()
+    )
+    return readers.EventColumns(
+        user=args.user_col or "user_id",
+        item=args.item_col or "item_id",
+        time=args.time_col or "timestamp",
+        event=args.event_col,
+        value=args.value_col,
+        item_id=args.item_id_col,
+        text=text,
+        category=args.category_col,
+        brand=args.brand_col,
+        price=args.price_col,
+    )
+
+
+def read_source(args: argparse.Namespace) -> tuple[RawData, dict]:
+    """Run the reader of args.source; also return the reader settings for the manifest."""
+    skip = args.skip_bad_lines
+    if args.source == "amazon":
+        return readers.read_amazon(args.reviews, args.meta, skip_bad_lines=skip), {}
+    if args.source == "movielens":
+        return readers.read_movielens(args.ratings, args.movies, skip_bad_lines=skip), {}
+    if args.source == "online-retail":
+        return readers.read_online_retail(args.input, skip_bad_lines=skip), {}
+    if args.source == "sample":
+        return readers.read_sample(skip_bad_lines=skip), {}
+    if args.source == "events":
+        columns = _event_columns(args)
+        raw = readers.read_events(args.input, args.items, columns=columns, skip_bad_lines=skip)
+        return raw, {"columns": dataclasses.asdict(columns)}
+    sizes = _synthetic_sizes(args)
+    return synthetic.generate(**sizes), {"synthetic": sizes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _check_args(parser, args)
+    except SystemExit as e:  # argparse has printed the usage error
+        return int(e.code or 0)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+    )
+    options = ProcessOptions(
+        dedupe=not args.keep_repeats,
+        min_seq_len=args.min_seq_len or _DEFAULT_MIN_SEQ_LEN.get(args.source, 3),
+        kcore_users=args.kcore_users,
+        kcore_items=args.kcore_items,
+        split=args.split,
+        cutoff=args.cutoff,
+        valid_cutoff=args.valid_cutoff,
+    )
+    try:
+        start = time.perf_counter()
+        raw, reader_options = read_source(args)
+        log.info("read %d rows in %.1fs", raw.rows_read, time.perf_counter() - start)
+        result = prepare(raw, options)
+        log.info("processed in %.1fs", time.perf_counter() - start)
+        settings = dataclasses.asdict(options) | {"skip_bad_lines": args.skip_bad_lines}
+        manifest = make_manifest(args.source, raw.inputs, settings | reader_options, result.counts)
+        write_processed(args.out, result.items, result.events, manifest)
+        log.info("wrote %s in %.1fs", args.out, time.perf_counter() - start)
+    except DataError as e:
+        print(f"prepare_data.py: error: {e}", file=sys.stderr)
+        return 2
+    c = result.counts
+    per_split = " / ".join(f"{k} {v}" for k, v in c["events_per_split"].items())
+    print(
+        f"wrote {args.out}: {c['num_users']} users, {c['num_items']} items, "
+        f"{c['num_events']} events ({per_split})"
+    )
+    return 0

@@ -1,0 +1,178 @@
+"""Processed data on disk: the manifest, atomic writing of a data directory, loading it back.
+
+A data directory holds items.parquet, events.parquet and manifest.json. The same input always
+gives byte-identical files: no wall-clock times, no absolute paths, fixed column order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from recdata.schema import EVENTS_SCHEMA, ITEMS_SCHEMA, SCHEMA_VERSION, SPLITS, DataError
+
+ITEMS_FILE = "items.parquet"
+EVENTS_FILE = "events.parquet"
+MANIFEST_FILE = "manifest.json"
+DATA_FILES = (ITEMS_FILE, EVENTS_FILE, MANIFEST_FILE)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_manifest(source: str, inputs: tuple[Path, ...], options: dict, counts: dict) -> dict:
+    """The manifest: schema version, source, input files (name + sha256), every option, counts.
+
+    Inputs are recorded by file name, not path, so the manifest does not depend on where the
+    data sits.
+    """
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "inputs": [
+            {"name": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in inputs
+        ],
+        "options": options,
+        "counts": counts,
+    }
+
+
+def _categorical_to_arrow(values: pd.Categorical) -> pa.Array:
+    """A categorical column as a plain Arrow string array (decoded once, in Arrow)."""
+    categories = pa.array(np.asarray(values.categories, dtype=object), type=pa.string())
+    return pc.take(categories, pa.array(values.codes))
+
+
+def items_table(items: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(
+        items, schema=ITEMS_SCHEMA, preserve_index=False
+    ).replace_schema_metadata(None)
+
+
+def events_table(events: pd.DataFrame) -> pa.Table:
+    columns = {}
+    for name in EVENTS_SCHEMA.names:
+        values = events[name]
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            columns[name] = _categorical_to_arrow(values.array)
+        else:
+            columns[name] = pa.array(values.to_numpy(), type=EVENTS_SCHEMA.field(name).type)
+    return pa.table(columns, schema=EVENTS_SCHEMA)
+
+
+def write_processed(out: Path, items: pd.DataFrame, events: pd.DataFrame, manifest: dict) -> None:
+    """Write the three files atomically: into a temp dir beside `out`, then rename it into place.
+
+    On any error the temp dir is removed and `out` is untouched. An existing `out` is replaced
+    only if it is a previous output (it has a manifest.json) or an empty directory.
+    """
+    out = Path(out)
+    if out.exists() and not _replaceable(out):
+        raise DataError(
+            f"{out}: exists and is not a prepare_data.py output directory; refusing to replace it"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise DataError(f"{out}: cannot create output directory ({e.strerror})") from None
+    try:
+        pq.write_table(items_table(items), tmp / ITEMS_FILE, compression="zstd")
+        pq.write_table(events_table(events), tmp / EVENTS_FILE, compression="zstd")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _swap_into_place(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{out}: cannot write ({e.strerror or e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replaceable(out: Path) -> bool:
+    return out.is_dir() and ((out / MANIFEST_FILE).is_file() or not any(out.iterdir()))
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / out.name)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old / out.name, out)
+        old.rmdir()
+        raise
+    shutil.rmtree(old)
+
+
+def _check_columns(path: Path, schema: pa.Schema, expected: pa.Schema) -> None:
+    for want in expected:
+        if want.name not in schema.names:
+            found = ", ".join(schema.names)
+            raise DataError(f"{path}: missing column '{want.name}' (found: {found})")
+        got = schema.field(want.name).type
+        if got != want.type:
+            raise DataError(f"{path}: column '{want.name}' has type {got}, expected {want.type}")
+
+
+def _read_checked(path: Path, expected: pa.Schema) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"{path}: missing file (run prepare_data.py to create it)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    _check_columns(path, table.schema, expected)
+    return table.select(expected.names).to_pandas()
+
+
+def load_processed(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Read a prepare_data.py output directory: (items, events, manifest).
+
+    Checks the files, columns and types, the schema version, that item_idx runs 1..N in
+    items and that events only use those indices and known splits.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise DataError(f"{manifest_path}: missing file (run prepare_data.py to create it)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{manifest_path}: not valid JSON ({e})") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise DataError(
+            f"{manifest_path}: schema_version {version!r}, expected {SCHEMA_VERSION}; "
+            "re-run prepare_data.py"
+        )
+    items = _read_checked(path / ITEMS_FILE, ITEMS_SCHEMA)
+    events = _read_checked(path / EVENTS_FILE, EVENTS_SCHEMA)
+    n_items = len(items)
+    if not np.array_equal(items["item_idx"].to_numpy(), np.arange(1, n_items + 1)):
+        raise DataError(f"{path / ITEMS_FILE}: item_idx is not 1..{n_items} in row order")
+    idx = events["item_idx"].to_numpy()
+    if len(idx) and (idx.min() < 1 or idx.max() > n_items):
+        raise DataError(f"{path / EVENTS_FILE}: item_idx outside 1..{n_items}")
+    unknown = set(events["split"].unique()) - set(SPLITS)
+    if unknown:
+        raise DataError(f"{path / EVENTS_FILE}: unknown split values {sorted(unknown)}")
+    return items, events, manifest
