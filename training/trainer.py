@@ -327,6 +327,7 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
                "positions_per_second": positions / float(np.median(validation.epoch_times)),
                "text_encoder": spec.text_source, "texts_encoded": features.texts_encoded,
                "retrieval_mode": spec.retrieval_mode, "ranking_mode": spec.ranking_mode,
+               "sampled_negatives": config.sampled_negatives,
                "sampled_metrics_note": f"sampled_* rank the target among "
                                        f"{config.sampled_negatives} random unseen items"}
     if len(seqs.cold_items):
@@ -362,8 +363,9 @@ def print_summary(results: dict) -> None:
           f"coverage@10 {test['coverage@10']:.3f}")
     print(f"popularity baseline:             HR@10 {pop['hr@10']:.4f}  "
           f"NDCG@10 {pop['ndcg@10']:.4f}  MRR {pop['mrr']:.4f}")
-    print(f"sampled (100 negatives, not comparable to full): HR@10 {test['sampled_hr@10']:.4f}"
-          f"  NDCG@10 {test['sampled_ndcg@10']:.4f}")
+    if "sampled_hr@10" in test:
+        print(f"sampled ({results['sampled_negatives']} negatives, not comparable to full): "
+              f"HR@10 {test['sampled_hr@10']:.4f}  NDCG@10 {test['sampled_ndcg@10']:.4f}")
     if "cold_test" in results:
         cold = results["cold_test"]
         print(f"cold items ({cold['users']} test users): HR@10 {cold['hr@10']:.4f}  "

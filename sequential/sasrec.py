@@ -1,0 +1,163 @@
+"""SASRec sequence encoder: causal self-attention over a user's item history.
+
+Kang & McAuley 2018, "Self-Attentive Sequential Recommendation", with pre-LayerNorm blocks.
+The layer takes already-embedded items (the item tower owns the table) and returns one
+vector per position; the vector at the newest item is the user's state.
+"""
+
+import math
+
+import tensorflow as tf
+
+from sequential.masks import causal_attention_bias, positions_from_newest
+
+
+def _build_in_scope(layer: tf.keras.layers.Layer, width: int) -> None:
+    """Build a sub-layer now, not on first call, so saved weights load into a fresh instance;
+    the name scope keeps its variable names unique (`sas_rec/block_0/qkv/kernel`)."""
+    with tf.name_scope(layer.name):
+        layer.build(tf.TensorShape([None, None, width]))
+
+
+class _SelfAttentionBlock(tf.keras.layers.Layer):
+    """LN -> causal multi-head self-attention -> residual; LN -> point-wise FFN -> residual."""
+
+    def __init__(
+        self, dim: int, num_heads: int, ffn_dim: int, dropout: float, epsilon: float, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        norm = tf.keras.layers.LayerNormalization
+        self.attention_norm = norm(epsilon=epsilon, name="attention_norm")
+        # All heads' queries, keys and values in one matmul.
+        self.qkv = tf.keras.layers.Dense(3 * dim, name="qkv")
+        self.attention_output = tf.keras.layers.Dense(dim, name="attention_output")
+        self.ffn_norm = norm(epsilon=epsilon, name="ffn_norm")
+        self.ffn_hidden = tf.keras.layers.Dense(ffn_dim, activation="relu", name="ffn_hidden")
+        self.ffn_output = tf.keras.layers.Dense(dim, name="ffn_output")
+        self.dropout = tf.keras.layers.Dropout(dropout)
+
+    def build(self, input_shape):
+        for layer, width in [
+            (self.attention_norm, self.dim),
+            (self.qkv, self.dim),
+            (self.attention_output, self.dim),
+            (self.ffn_norm, self.dim),
+            (self.ffn_hidden, self.dim),
+            (self.ffn_output, self.ffn_hidden.units),
+        ]:
+            _build_in_scope(layer, width)
+        super().build(input_shape)
+
+    def call(self, x, attention_bias, keep, training=None):
+        x = x + self._attend(self.attention_norm(x), attention_bias, training)
+        h = self.dropout(self.ffn_hidden(self.ffn_norm(x)), training=training)  # [batch, seq, ffn]
+        x = x + self.dropout(self.ffn_output(h), training=training)  # [batch, seq, dim]
+        return x * keep  # padded positions back to zero
+
+    def _attend(self, h, attention_bias, training):
+        batch, seq = tf.shape(h)[0], tf.shape(h)[1]
+        qkv = tf.reshape(self.qkv(h), [batch, seq, 3, self.num_heads, self.head_dim])
+        q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # each [batch, heads, seq, hd]
+        q = q * (1.0 / math.sqrt(self.head_dim))
+        scores = tf.matmul(q, k, transpose_b=True) + attention_bias  # [batch, heads, seq, seq]
+        weights = self.dropout(tf.nn.softmax(scores), training=training)
+        out = tf.matmul(weights, v)  # [batch, heads, seq, hd]
+        out = tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [batch, seq, self.dim])
+        return self.attention_output(out)  # [batch, seq, dim]
+
+
+@tf.keras.utils.register_keras_serializable(package="towerrec")
+class SASRec(tf.keras.layers.Layer):
+    """Causal self-attention encoder: [batch, seq, dim] item vectors -> [batch, seq, dim].
+
+    Positional embeddings are indexed by the distance from the newest real item, so the same
+    history left-padded, right-padded or padded to another length gives the same vector at its
+    newest item (and training windows agree with serving). For left-padded windows of length
+    `max_len` this equals the paper's absolute positions. Padded positions return zeros.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        max_len: int,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        dropout: float = 0.2,
+        num_event_types: int = 0,
+        ffn_dim: int | None = None,
+        epsilon: float = 1e-8,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if dim % num_heads:
+            raise ValueError(f"SASRec: dim={dim} is not divisible by num_heads={num_heads}")
+        self.dim = dim
+        self.max_len = max_len
+        self.num_blocks = num_blocks
+        self.num_heads = num_heads
+        self.dropout_rate = dropout
+        self.num_event_types = num_event_types
+        self.ffn_dim = ffn_dim or dim
+        self.epsilon = epsilon
+        self.dropout = tf.keras.layers.Dropout(dropout)
+        self.blocks = [
+            _SelfAttentionBlock(dim, num_heads, self.ffn_dim, dropout, epsilon, name=f"block_{i}")
+            for i in range(num_blocks)
+        ]
+        self.final_norm = tf.keras.layers.LayerNormalization(epsilon=epsilon, name="final_norm")
+
+    def build(self, input_shape):
+        if input_shape[-1] != self.dim:
+            raise ValueError(
+                f"SASRec(dim={self.dim}) got sequence_embeddings of width {input_shape[-1]}"
+            )
+        self.position_embeddings = self.add_weight(
+            name="position_embeddings", shape=[self.max_len, self.dim], initializer="glorot_uniform"
+        )
+        if self.num_event_types:
+            self.event_embeddings = self.add_weight(
+                name="event_embeddings",
+                shape=[self.num_event_types, self.dim],
+                initializer="glorot_uniform",
+            )
+        for layer in [*self.blocks, self.final_norm]:
+            _build_in_scope(layer, self.dim)
+        super().build(input_shape)
+
+    def call(self, sequence_embeddings, padding_mask, event_types=None, training=None):
+        seq_len = sequence_embeddings.shape[1]
+        if seq_len is not None and seq_len > self.max_len:
+            raise ValueError(f"SASRec(max_len={self.max_len}) got sequences of length {seq_len}")
+        if event_types is not None and not self.num_event_types:
+            raise ValueError("SASRec got event_types but was built with num_event_types=0")
+
+        keep = padding_mask[:, :, None]  # [batch, seq, 1] bool
+        # tf.where, not a product, so arbitrary (even NaN) values at padded positions vanish.
+        x = tf.where(keep, sequence_embeddings * math.sqrt(self.dim), 0.0)  # [batch, seq, dim]
+        positions = tf.where(padding_mask, positions_from_newest(padding_mask), 0)
+        x += tf.gather(self.position_embeddings, positions)
+        if event_types is not None:
+            x += tf.gather(self.event_embeddings, event_types)
+        keep = tf.cast(keep, x.dtype)
+        x = self.dropout(x, training=training) * keep
+
+        attention_bias = causal_attention_bias(padding_mask)  # [batch, 1, seq, seq]
+        for block in self.blocks:
+            x = block(x, attention_bias, keep, training=training)
+        return self.final_norm(x) * keep  # [batch, seq, dim]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "dim": self.dim,
+            "max_len": self.max_len,
+            "num_blocks": self.num_blocks,
+            "num_heads": self.num_heads,
+            "dropout": self.dropout_rate,
+            "num_event_types": self.num_event_types,
+            "ffn_dim": self.ffn_dim,
+            "epsilon": self.epsilon,
+        }
