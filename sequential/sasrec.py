@@ -62,8 +62,10 @@ class _SelfAttentionBlock(tf.keras.layers.Layer):
         qkv = tf.reshape(self.qkv(h), [batch, seq, 3, self.num_heads, self.head_dim])
         q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # each [batch, heads, seq, hd]
         q = q * (1.0 / math.sqrt(self.head_dim))
-        scores = tf.matmul(q, k, transpose_b=True) + attention_bias  # [batch, heads, seq, seq]
-        weights = self.dropout(tf.nn.softmax(scores), training=training)
+        scores = tf.matmul(q, k, transpose_b=True)  # [batch, heads, seq, seq]
+        # Softmax in float32: the -1e9 bias overflows float16 under mixed precision.
+        weights = tf.nn.softmax(tf.cast(scores, tf.float32) + attention_bias)
+        weights = self.dropout(tf.cast(weights, h.dtype), training=training)
         out = tf.matmul(weights, v)  # [batch, heads, seq, hd]
         out = tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [batch, seq, self.dim])
         return self.attention_output(out)  # [batch, seq, dim]

@@ -21,12 +21,19 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from serving.modules import (BruteForceRetrieval, ItemLookup, Ranker, ScannRetrieval,
-                             add_signatures)
+from serving.modules import BruteForceRetrieval, ItemLookup, Ranker, ScannRetrieval, add_signatures
 from training.config import TrainConfig
 from training.sequences import eval_set
-from training.trainer import (CHECKPOINT, RUN_FILE, SPEC_FILE, ModelSpec, _versions,
-                              build_model, install_features, prepare)
+from training.trainer import (
+    CHECKPOINT,
+    RUN_FILE,
+    SPEC_FILE,
+    ModelSpec,
+    _versions,
+    build_model,
+    install_features,
+    prepare,
+)
 
 log = logging.getLogger(__name__)
 

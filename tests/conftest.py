@@ -6,9 +6,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tfenv  # noqa: E402,F401
-
 import pytest  # noqa: E402
+
+import tfenv  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

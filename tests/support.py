@@ -53,8 +53,9 @@ def write_processed(out: Path, num_users: int = 60, num_items: int = 24, seq_len
 
 def write_tiny_distilbert(out: Path) -> Path:
     """A random 2-layer, 32-wide DistilBERT + WordPiece tokenizer, saved with save_pretrained."""
-    import tfenv  # noqa: F401
     from transformers import DistilBertConfig, DistilBertTokenizerFast, TFDistilBertModel
+
+    import tfenv  # noqa: F401
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "item"] + WORDS + [

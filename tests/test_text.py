@@ -3,10 +3,14 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from support import write_tiny_distilbert
-from towers.text import (cached_text_embeddings, load_text_encoder, packaged_minilm_dir,
-                         pool_hidden_states)
+
+from towers.text import (
+    cached_text_embeddings,
+    load_text_encoder,
+    packaged_minilm_dir,
+    pool_hidden_states,
+)
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,11 @@ class ItemTower(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_items = num_items  # real items are 1..num_items
         self.dim = dim
-        self.text_dim = text_dim  # width of frozen text vectors, 0 = no frozen text
+        self.text_dim = text_dim  # width of text vectors (0 = no text)
         self.num_categories = num_categories
         self.num_brands = num_brands
         self.num_price_buckets = num_price_buckets
-        self.text_tokens = text_tokens  # >0: finetune mode, token ids stored per item
+        self.text_tokens = text_tokens  # >0: finetune mode, token ids stored, encoder in graph
         self.text_encoder: tf.keras.Model | None = None
 
     def attach_text_encoder(self, encoder: tf.keras.Model, pooling: str,
@@ -49,15 +49,17 @@ class ItemTower(tf.keras.layers.Layer):
 
         self.id_embedding = self.add_weight("id_embedding", [rows, self.dim], initializer=init())
         self.warm = self.add_weight("warm", [rows], initializer="zeros", trainable=False)
-        if self.text_dim:
+        if self.text_dim and not self.text_tokens:
             self.text_table = self.add_weight("text_table", [rows, self.text_dim],
                                               initializer="zeros", trainable=False)
         if self.text_tokens:
             self.token_table = self.add_weight("token_table", [rows, self.text_tokens],
                                                dtype=tf.int32, initializer="zeros",
                                                trainable=False)
-        if self.text_dim or self.text_tokens:
+        if self.text_dim:
             self.text_projection = tf.keras.layers.Dense(self.dim, name="text_projection")
+            with tf.name_scope("text_projection"):  # weights now, inside any strategy scope
+                self.text_projection.build((None, self.text_dim))
         self.meta_tables = {}
         for name, size in (("category", self.num_categories), ("brand", self.num_brands),
                            ("price_bucket", self.num_price_buckets)):
@@ -75,7 +77,7 @@ class ItemTower(tf.keras.layers.Layer):
         if not self.built:
             self.build(None)
         self.warm.assign(warm.astype(np.float32))
-        if self.text_dim:
+        if self.text_dim and not self.text_tokens:
             self.text_table.assign(text.astype(np.float32))
         if self.text_tokens:
             self.token_table.assign(tokens.astype(np.int32))
@@ -98,7 +100,7 @@ class ItemTower(tf.keras.layers.Layer):
         shape = tf.shape(item_idx)
         ids = tf.reshape(tf.cast(item_idx, tf.int32), [-1])  # [n]
         vectors = tf.gather(self.id_embedding, ids) * tf.gather(self.warm, ids)[:, None]
-        if self.text_dim or self.text_tokens:
+        if self.text_dim:
             text = tf.cast(self._text_vectors(ids), self.compute_dtype)
             vectors += tf.cast(self.text_projection(text), vectors.dtype)
         for table, embedding in self.meta_tables.values():

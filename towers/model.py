@@ -19,15 +19,18 @@ class RankingHead(tf.keras.layers.Layer):
     """Score of (user vector, item vector) from [u, i, u * i] through a small MLP."""
 
     def __init__(self, dim: int, hidden: int, **kwargs):
+        kwargs["dtype"] = "float32"  # small head; float32 even under mixed precision
         super().__init__(**kwargs)
         self.dim, self.hidden = dim, hidden
-        self.mlp = tf.keras.Sequential([tf.keras.layers.Dense(hidden, activation="relu"),
-                                        tf.keras.layers.Dense(1, dtype="float32")])
+        self.mlp = tf.keras.Sequential([
+            tf.keras.layers.Dense(hidden, activation="relu", dtype="float32"),
+            tf.keras.layers.Dense(1, dtype="float32")])
         # Built eagerly: with ranking_weight 0 the head is never called in training, but it
         # is still part of the model (checkpoints, export).
         self.mlp.build((None, 3 * dim))
 
     def call(self, users: tf.Tensor, items: tf.Tensor) -> tf.Tensor:
+        users, items = tf.cast(users, tf.float32), tf.cast(items, tf.float32)
         features = tf.concat([users, items, users * items], axis=-1)  # [..., 3 * dim]
         return tf.squeeze(self.mlp(features), axis=-1)  # [...]
 

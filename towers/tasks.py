@@ -33,13 +33,15 @@ class NextItemRetrieval(tf.keras.layers.Layer):
 
     def __init__(self, num_items: int, mode: str = "full", num_negatives: int = 1024,
                  logq_correction: bool = True, **kwargs):
+        # The loss is computed in float32 even under a mixed-precision policy.
+        kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         if mode not in ("full", "sampled"):
             raise ValueError(f"retrieval mode must be 'full' or 'sampled', got {mode!r}")
         self.num_items, self.mode = num_items, mode
         self.num_negatives, self.logq_correction = num_negatives, logq_correction
-        self.remove_accidental_hits = tfrs.layers.loss.RemoveAccidentalHits()
-        self.logq = tfrs.layers.loss.SamplingProbablityCorrection()
+        self.remove_accidental_hits = tfrs.layers.loss.RemoveAccidentalHits(dtype="float32")
+        self.logq = tfrs.layers.loss.SamplingProbablityCorrection(dtype="float32")
 
     def build(self, input_shape):
         self.popularity = self.add_weight("popularity", [self.num_items + 1],
@@ -61,12 +63,15 @@ class NextItemRetrieval(tf.keras.layers.Layer):
         [num_items + 1, dim] (row 0 padding). Sampled mode: candidates [c, dim] for
         `candidate_ids` [c] from `candidate_pool`, `target_index` the label column per position.
         """
-        logits = tf.matmul(tf.cast(queries, tf.float32), tf.cast(candidates, tf.float32),
-                           transpose_b=True)  # [positions, candidates]
+        queries = tf.cast(queries, tf.float32)
         if self.mode == "full":
-            padding = tf.one_hot(0, self.num_items + 1, on_value=-1e9, off_value=0.0)
-            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(target_ids, logits + padding)
+            # Row 0 of `candidates` is padding: score items 1..N only, labels shifted by one.
+            logits = tf.matmul(queries, tf.cast(candidates[1:], tf.float32),
+                               transpose_b=True)  # [positions, num_items]
+            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(target_ids - 1, logits)
             return tf.reduce_mean(losses)
+        logits = tf.matmul(queries, tf.cast(candidates, tf.float32),
+                           transpose_b=True)  # [positions, candidates]
         labels = tf.one_hot(target_index, tf.shape(candidate_ids)[0])  # [positions, c]
         logits = self.remove_accidental_hits(labels, logits, candidate_ids)
         if self.logq_correction:

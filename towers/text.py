@@ -62,6 +62,19 @@ def _load_safetensors_dir(path: Path) -> tf.keras.Model:
     return model
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Quick check before a download: offline, transformers would retry for about a minute."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_text_encoder(name: str, allow_fallback: bool = False) -> TextEncoder:
     """Load a BERT-family encoder by hub name or local path.
 
@@ -80,8 +93,15 @@ def load_text_encoder(name: str, allow_fallback: bool = False) -> TextEncoder:
         return TextEncoder(name, str(local), AutoTokenizer.from_pretrained(local),
                            _load_safetensors_dir(local))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = TFAutoModel.from_pretrained(name)
+        try:  # the local Hugging Face cache first: no network round trips
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            model = TFAutoModel.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError):
+            if allow_fallback and not hub_reachable():
+                raise OSError("the Hugging Face hub is not reachable from this machine "
+                              "and the model is not in the local cache") from None
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = TFAutoModel.from_pretrained(name)
     except (OSError, ValueError) as err:  # offline hub, bad repo id, missing files
         if not allow_fallback:
             raise ValueError(f"text model '{name}' could not be loaded: {err}") from err

@@ -8,8 +8,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from towers.text import (TextEncoder, cached_only, cached_text_embeddings, load_text_encoder,
-                         tokenize)
+from towers.text import (
+    TextEncoder,
+    cached_only,
+    cached_text_embeddings,
+    load_text_encoder,
+    tokenize,
+)
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)

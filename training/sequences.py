@@ -61,7 +61,8 @@ def build_sequences(events: pd.DataFrame, num_items: int, cold_fraction: float =
     train = split == "train"
     if cold_fraction > 0:
         rng = np.random.default_rng(seed)
-        cold = np.sort(rng.choice(np.arange(1, num_items + 1), int(round(cold_fraction * num_items)),
+        how_many = int(round(cold_fraction * num_items))
+        cold = np.sort(rng.choice(np.arange(1, num_items + 1), how_many,
                                   replace=False)).astype(np.int32)
         train &= ~np.isin(items, cold)
 

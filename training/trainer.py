@@ -169,13 +169,35 @@ class ValidationCallback(tf.keras.callbacks.Callback):
 
 
 def training_dataset(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
-                     use_events: bool) -> tf.data.Dataset:
+                     use_events: bool, bucket_batches: int = 32) -> tf.data.Dataset:
+    """Shuffled batches of left-padded windows, cut to the longest window in each batch.
+
+    Sequences are shuffled, then sorted by length inside groups of `bucket_batches` batches,
+    so a batch holds windows of similar length and the all-padding columns on its left can be
+    dropped (exact: positions count from the newest item). Saves most of the attention cost
+    on data sets whose users are mostly shorter than max_seq_len. Reshuffled every epoch.
+    """
     names = ["history", "targets", "target_values", "target_purchase"]
     if use_events:
         names.append("event_types")
-    data = tf.data.Dataset.from_tensor_slices({n: arrays[n] for n in names})
-    return (data.shuffle(len(arrays["history"]), seed=seed, reshuffle_each_iteration=True)
-            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    lengths = (arrays["history"] > 0).sum(axis=1)
+    rng = np.random.default_rng(seed)
+    group = batch_size * max(bucket_batches, 1)
+
+    def batches():
+        order = rng.permutation(len(lengths))
+        chunks = []
+        for start in range(0, len(order), group):
+            part = order[start:start + group]
+            part = part[np.argsort(lengths[part], kind="stable")]
+            chunks += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+        for b in rng.permutation(len(chunks)):
+            rows = np.sort(chunks[b])
+            width = max(int(lengths[rows].max()), 1)
+            yield {name: arrays[name][rows, -width:] for name in names}
+
+    signature = {name: tf.TensorSpec([None, None], arrays[name].dtype) for name in names}
+    return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
 
 
 def _device() -> str:
@@ -238,7 +260,8 @@ def model_spec(config: TrainConfig, seqs: Sequences, features: ItemFeatures,
         pos_weight = max(1.0, (2 * len(labels) - positives) / positives)
     return ModelSpec(
         num_items=seqs.num_items, num_event_types=seqs.num_event_types,
-        text_dim=0 if features.text is None else int(features.text.shape[1]),
+        text_dim=(int(features.text.shape[1]) if features.text is not None
+                  else features.encoder.hidden_size if features.tokens is not None else 0),
         text_tokens=0 if features.tokens is None else int(features.tokens.shape[1]),
         meta_sizes=features.meta_sizes, ranking_mode=mode,
         retrieval_mode=retrieval_mode(config, seqs.num_items), purchase_pos_weight=pos_weight,
@@ -269,7 +292,9 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     tf.keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
 
-    items, manifest, seqs, features = prepare(config, data_dir)
+    strategy = make_strategy(config)
+    with strategy.scope():  # a fine-tuned text encoder's variables belong to the strategy
+        items, manifest, seqs, features = prepare(config, data_dir)
     if features.text_source != "none":
         print(f"text encoder: {features.text_source}", flush=True)
     train_arrays = training_arrays(seqs, config.max_seq_len)
@@ -281,7 +306,6 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     counts = seqs.train_counts().astype(np.float64)
     popularity = counts / max(counts.sum(), 1.0)
 
-    strategy = make_strategy(config)
     with strategy.scope():
         model = build_model(config, spec)
         install_features(model, features, config, popularity)

@@ -1,0 +1,105 @@
+"""Quality and speed table: prepare a real data set, train the SASRec and GRU4Rec towers (text
+tower + ranking task) and the reference configuration (SASRec, id-only, single task), and print
+HR@10 / NDCG@10 (full-catalog leave-one-out, shared/PROTOCOL.md) beside popularity.
+
+    python bench/bench_quality.py --dataset online-retail --budget-minutes 10
+    python bench/bench_quality.py --dataset ml-1m --budget-minutes 10
+
+Each training run is a `train.py` subprocess with the given time budget (early stopping on
+valid NDCG@10 may end it sooner); results are appended to bench/results/quality.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+
+DATASETS = {
+    "online-retail": (["--source", "online-retail", "--input",
+                       str(SHARED / "online-retail" / "online_retail.parquet")], 50),
+    "ml-1m": (["--source", "movielens", "--ratings",
+               str(SHARED / "ml-1m" / "partial" / "ratings.head-487650.dat.gz"),
+               "--movies", str(SHARED / "ml-1m" / "movies.dat")], 200),
+    "sample": (["--source", "sample"], 50),
+}
+
+CONFIGS = {
+    "sasrec": ["--user-tower", "sasrec"],
+    "gru": ["--user-tower", "gru"],
+    "sasrec-reference": ["--user-tower", "sasrec", "--text-model", "none",
+                         "--ranking-weight", "0"],
+}
+
+
+def run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), required=True)
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    parser.add_argument("--budget-minutes", type=float, default=10.0)
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--text-model", default="distilbert-base-uncased",
+                        help="falls back to the packaged MiniLM when it can't be downloaded")
+    parser.add_argument("--work", default=str(ROOT / "data" / "bench"))
+    args = parser.parse_args()
+
+    prepare_args, max_len = DATASETS[args.dataset]
+    work = Path(args.work)
+    data = work / args.dataset
+    run([sys.executable, "prepare_data.py", *prepare_args, "--out", str(data)])
+    rows = []
+    for name in args.configs.split(","):
+        runs_dir = work / "runs" / f"{args.dataset}-{name}"
+        cmd = [sys.executable, "train.py", "--data", str(data),
+               "--out", str(work / "models" / f"{args.dataset}-{name}"),
+               "--runs-dir", str(runs_dir), "--max-seq-len", str(max_len),
+               "--epochs", str(args.epochs), "--time-budget-minutes", str(args.budget_minutes),
+               "--export", "false", "--text-model", args.text_model, "--text-fallback", "true",
+               *CONFIGS[name]]
+        started = time.time()
+        run(cmd)
+        run_dir = max(runs_dir.glob("*"), key=lambda p: p.stat().st_mtime)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metadata = json.loads((run_dir / "metadata.json").read_text())
+        row = {"dataset": args.dataset, "config": name, "text": metrics["text_encoder"],
+               "hr@10": metrics["test"]["hr@10"], "ndcg@10": metrics["test"]["ndcg@10"],
+               "mrr": metrics["test"]["mrr"],
+               "pop_hr@10": metrics["popularity_test"]["hr@10"],
+               "pop_ndcg@10": metrics["popularity_test"]["ndcg@10"],
+               "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
+               "s/epoch": metrics["seconds_per_epoch"],
+               "positions/s": metrics["positions_per_second"],
+               "peak_mb": metadata["peak_rss_mb"], "wall_s": round(time.time() - started),
+               "budget_min": args.budget_minutes, "run_dir": str(run_dir)}
+        rows.append(row)
+        results = ROOT / "bench" / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        with open(results / "quality.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    print("\n| data set | tower | text | HR@10 | NDCG@10 | pop HR@10 | pop NDCG@10 | epochs "
+          "| s/epoch | positions/s | peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['dataset']} | {r['config']} | {Path(r['text']).name} | {r['hr@10']:.4f} "
+              f"| {r['ndcg@10']:.4f} | {r['pop_hr@10']:.4f} | {r['pop_ndcg@10']:.4f} "
+              f"| {r['epochs']} | {r['s/epoch']:.1f} | {r['positions/s']:,.0f} "
+              f"| {r['peak_mb']:,.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

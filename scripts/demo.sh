@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# make demo: prepare the embedded sample, train with frozen pretrained text embeddings, export,
+# then serve it on port 8000. Runs offline: when distilbert-base-uncased can't be downloaded,
+# train.py uses the packaged all-MiniLM-L6-v2 and says so.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+PORT=${PORT:-8000}
+BUDGET=${DEMO_TRAIN_MINUTES:-5}
+start=$(date +%s)
+
+echo "== 1/4 prepare the sample data set (UCI Online Retail, CC BY 4.0)"
+$PY prepare_data.py --source sample --out data/processed/sample
+
+echo "== 2/4 train + evaluate + export (SASRec user tower, text tower, ${BUDGET}-minute budget)"
+$PY train.py --data data/processed/sample --out saved_model/sample \
+  --text-model distilbert-base-uncased --text-fallback true \
+  --time-budget-minutes "$BUDGET" --valid-users 1000
+
+echo "== 3/4 serve saved_model/sample on 127.0.0.1:$PORT"
+MODEL_DIR=saved_model/sample $PY -m uvicorn main:app --host 127.0.0.1 --port "$PORT" \
+  --log-level warning &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
+  sleep 1
+done
+curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null || { echo "server did not become ready"; exit 1; }
+
+user=$($PY -c "import pandas as pd; print(pd.read_parquet('data/processed/sample/events.parquet', columns=['user_id']).user_id.iloc[0])")
+item=$($PY -c "import pandas as pd; print(pd.read_parquet('data/processed/sample/items.parquet').sort_values('count').item_id.iloc[-1])")
+echo "== 4/4 ready after $(( $(date +%s) - start ))s. Try:"
+cat <<EOF2
+  curl 'http://127.0.0.1:$PORT/recommendations/$user?k=5'
+  curl -X POST 'http://127.0.0.1:$PORT/recommendations' -H 'Content-Type: application/json' -d '{"history": ["$item"], "k": 5}'
+  curl 'http://127.0.0.1:$PORT/items/$item/similar?k=5'
+  curl -X POST 'http://127.0.0.1:$PORT/rank' -H 'Content-Type: application/json' -d '{"history": ["$item"], "candidates": ["22423", "85099B", "47566"]}'
+  open http://127.0.0.1:$PORT/docs
+EOF2
+echo "-- GET /recommendations/$user?k=5"
+curl -s "http://127.0.0.1:$PORT/recommendations/$user?k=5"; echo
+if [ "${DEMO_EXIT:-0}" = "1" ]; then exit 0; fi
+echo "(serving; Ctrl-C to stop)"
+wait $server
