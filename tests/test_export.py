@@ -180,3 +180,28 @@ def test_reexport_makes_next_version(tiny_export, tmp_path):
     first = export.export_run(run_dir, out)
     second = export.export_run(run_dir, out)
     assert (first.name, second.name) == ("1", "2")
+
+
+def _op_types(saved_model_dir: Path) -> set[str]:
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((saved_model_dir / "saved_model.pb").read_bytes())
+    graph = proto.meta_graphs[0].graph_def
+    ops = {node.op for node in graph.node}
+    for function in graph.library.function:
+        ops |= {node.op for node in function.node_def}
+    return ops
+
+
+def test_only_the_scann_model_needs_custom_ops(restored):
+    from tensorflow.python.framework import op_def_registry
+
+    version = restored[3]
+    brute, scann_ops = _op_types(version / "retrieval_bruteforce"), _op_types(version / "retrieval")
+    assert not {op for op in brute if op.lower().startswith("scann")}
+    assert {op for op in scann_ops if op.startswith("Scann")}
+    # Every op of the brute-force and ranking models is a stock TensorFlow op.
+    for name in ("retrieval_bruteforce", "ranking"):
+        missing = {op for op in _op_types(version / name) if op_def_registry.get(op) is None}
+        assert not missing, f"{name} needs non-stock ops: {missing}"
