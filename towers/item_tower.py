@@ -57,7 +57,10 @@ class ItemTower(tf.keras.layers.Layer):
                                                dtype=tf.int32, initializer="zeros",
                                                trainable=False)
         if self.text_dim:
-            self.text_projection = tf.keras.layers.Dense(self.dim, name="text_projection")
+            # Small init: the text term starts on the scale of the id embeddings, so the
+            # pretrained vectors don't swamp SASRec's sqrt(dim)-scaled inputs.
+            self.text_projection = tf.keras.layers.Dense(
+                self.dim, kernel_initializer=init(), name="text_projection")
             with tf.name_scope("text_projection"):  # weights now, inside any strategy scope
                 self.text_projection.build((None, self.text_dim))
         self.meta_tables = {}
@@ -78,7 +81,7 @@ class ItemTower(tf.keras.layers.Layer):
             self.build(None)
         self.warm.assign(warm.astype(np.float32))
         if self.text_dim and not self.text_tokens:
-            self.text_table.assign(text.astype(np.float32))
+            self.text_table.assign(unit_rows(text))
         if self.text_tokens:
             self.token_table.assign(tokens.astype(np.int32))
         for name, (table, _) in self.meta_tables.items():
@@ -93,7 +96,7 @@ class ItemTower(tf.keras.layers.Layer):
             hidden = self.text_encoder(input_ids=tokens, attention_mask=mask,
                                        training=False).last_hidden_state
             pooled = pool_hidden_states(hidden, mask, self.pooling)  # [u, hidden]
-            return tf.gather(pooled, position)
+            return tf.gather(tf.math.l2_normalize(pooled, axis=-1), position)
         return tf.gather(self.text_table, flat_ids)
 
     def call(self, item_idx: tf.Tensor) -> tf.Tensor:
@@ -113,6 +116,14 @@ class ItemTower(tf.keras.layers.Layer):
                 "text_dim": self.text_dim, "num_categories": self.num_categories,
                 "num_brands": self.num_brands, "num_price_buckets": self.num_price_buckets,
                 "text_tokens": self.text_tokens}
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """L2-normalised rows (zero rows stay zero): text vectors enter the tower on one scale
+    whatever the encoder's raw output norm."""
+    vectors = vectors.astype(np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
 
 
 def _transformer_layers(encoder: tf.keras.Model) -> list:

@@ -108,9 +108,11 @@ class UserScorer:
     def __init__(self, model: TwoTowerModel, data: EvalSet, use_events: bool):
         self.model, self.data, self.use_events = model, data, use_events
 
+        # Item vectors are an argument, not a captured tensor: a captured one would be frozen
+        # at its first-trace value while the weights keep changing.
         @tf.function(reduce_retracing=True)
-        def users(history, event_types):
-            return self.model.user_vector(history, self.items_tf,
+        def users(history, event_types, items):
+            return self.model.user_vector(history, items,
                                           event_types if self.use_events else None)
         self._users = users
         self.refresh()
@@ -121,8 +123,8 @@ class UserScorer:
         self.items = self.items_tf.numpy()
 
     def user_vectors(self, rows: np.ndarray) -> np.ndarray:
-        return tf.cast(self._users(self.data.history[rows], self.data.event_types[rows]),
-                       tf.float32).numpy()
+        return tf.cast(self._users(self.data.history[rows], self.data.event_types[rows],
+                                   self.items_tf), tf.float32).numpy()
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         return self.user_vectors(rows) @ self.items.T  # [rows, num_items + 1]

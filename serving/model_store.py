@@ -1,0 +1,306 @@
+"""The API's model holder: load one exported VERSION, keep the current one, swap in newer ones.
+
+A version is loaded and warmed up completely before a single reference assignment makes it
+current, so a request that grabbed the old model finishes on it and none sees a half-loaded one.
+A version that fails to load is logged, refused and remembered (not retried until its directory
+is replaced); the previous version keeps serving.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+INDEXES = ("scann", "bruteforce")
+UNFILLED = -1e29  # retrieval pads rows it cannot fill with -1e30 (tiny catalogs)
+POPULAR_MAX = 100
+
+
+class ModelError(RuntimeError):
+    """A model call failed; the API answers 503 with this message."""
+
+
+class VersionLoadError(RuntimeError):
+    """An exported version is incomplete or broken."""
+
+
+def import_index_ops(index: str) -> None:
+    """The ScaNN SavedModel needs scann's custom ops registered; brute force must not need them."""
+    if index not in INDEXES:
+        raise ValueError(f"INDEX={index!r}: expected one of {', '.join(INDEXES)}")
+    if index == "scann":
+        try:
+            import scann  # noqa: F401  (registers the Scann>... TF ops)
+        except ImportError as error:
+            raise RuntimeError(f"INDEX=scann but scann cannot be imported ({error}); install "
+                               "the scann wheel built for this TensorFlow, or set "
+                               "INDEX=bruteforce") from error
+
+
+def list_versions(model_dir: Path) -> list[tuple[int, Path]]:
+    """Complete VERSION dirs under model_dir, newest first (`.tmp-*` and `tf_serving` skipped)."""
+    try:
+        entries = list(model_dir.iterdir())
+    except OSError as error:
+        log.warning("cannot list MODEL_DIR %s: %s", model_dir, error)
+        return []
+    versions = [(int(p.name), p) for p in entries if p.name.isdigit() and p.is_dir()]
+    return sorted(versions, reverse=True)
+
+
+def _strings(values: list[str]) -> tf.Tensor:
+    """One request row [1, n]; an empty row becomes [""] (padding) so every shape is non-empty."""
+    return tf.constant([values or [""]], tf.string)
+
+
+@dataclass
+class ServingModel:
+    """One loaded version: the SavedModel signatures plus the precomputed lookup tables."""
+
+    version: int
+    path: Path
+    index: str
+    metadata: dict
+    titles: dict[str, str]  # item_id -> text, every catalog item
+    popular: list[tuple[str, float]]  # most popular first: (item_id, train count)
+    histories: dict[str, tuple[list[str], list[str]]]  # user_id -> (history, event_types)
+    embedding_ids: np.ndarray  # [items] str
+    unit_embeddings: np.ndarray  # [items, dim] float32, L2-normalised
+    embedding_row: dict[str, int]
+    retrieval: dict[str, Callable]
+    ranking: dict[str, Callable]
+    saved_models: tuple  # the loaded roots, held so their variables live as long as signatures
+
+    @property
+    def k(self) -> int:
+        return int(self.metadata["k"])
+
+    @classmethod
+    def load(cls, path: Path, version: int, index: str) -> ServingModel:
+        """Read and check everything a version needs, then warm every signature up once."""
+        started = time.time()
+        try:
+            metadata = json.loads((path / "metadata.json").read_text())
+            if not isinstance(metadata, dict) or not isinstance(metadata.get("k"), int):
+                raise VersionLoadError("metadata.json has no integer 'k'")
+            items = pd.read_parquet(path / "items.parquet",
+                                    columns=["item_id", "text", "count"])
+            vectors = pd.read_parquet(path / "item_embeddings.parquet")
+            users = pd.read_parquet(path / "user_histories.parquet")
+            retrieval_dir = "retrieval" if index == "scann" else "retrieval_bruteforce"
+            saved_models = (tf.saved_model.load(str(path / retrieval_dir)),
+                            tf.saved_model.load(str(path / "ranking")))
+            retrieval, ranking = (dict(loaded.signatures) for loaded in saved_models)
+        except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as error:
+            raise VersionLoadError(f"{type(error).__name__}: {error}") from error
+        for name in ("serving_default", "with_event_types", "include_seen"):
+            if name not in retrieval:
+                raise VersionLoadError(f"{retrieval_dir}/ has no signature {name!r}")
+        for name in ("serving_default", "with_event_types"):
+            if name not in ranking:
+                raise VersionLoadError(f"ranking/ has no signature {name!r}")
+        if len(items) == 0 or len(vectors) != len(items):
+            raise VersionLoadError(f"items.parquet has {len(items)} rows but "
+                                   f"item_embeddings.parquet has {len(vectors)}")
+
+        ids = items["item_id"].astype(str).to_numpy()
+        texts = items["text"].fillna("").astype(str).to_numpy()
+        counts = items["count"].fillna(0).to_numpy(np.float64)
+        order = sorted(range(len(ids)), key=lambda i: (-counts[i], ids[i]))[:POPULAR_MAX]
+        matrix = np.stack(vectors["embedding"].to_numpy()).astype(np.float32)  # [items, dim]
+        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+        embedding_ids = vectors["item_id"].astype(str).to_numpy()
+        model = cls(
+            version=version, path=path, index=index, metadata=metadata,
+            titles=dict(zip(ids.tolist(), texts.tolist(), strict=True)),
+            popular=[(str(ids[i]), float(counts[i])) for i in order],
+            histories={str(u): ([str(x) for x in h], [str(x) for x in e])
+                       for u, h, e in zip(users["user_id"], users["history"],
+                                          users["event_types"], strict=True)},
+            embedding_ids=embedding_ids, unit_embeddings=matrix / np.maximum(norms, 1e-12),
+            embedding_row={item: row for row, item in enumerate(embedding_ids.tolist())},
+            retrieval=retrieval, ranking=ranking, saved_models=saved_models)
+        model.warm_up()
+        log.info("loaded model version %d from %s (index %s, %d items, %d users) in %.1fs",
+                 version, path, index, len(ids), len(model.histories), time.time() - started)
+        return model
+
+    def warm_up(self) -> None:
+        """One call per signature: the first call of a loaded graph is slow (TF Serving's
+        warmup requests, tfs#385); a version whose graphs fail here is refused."""
+        first = next(iter(self.titles))
+        kind = (self.metadata.get("event_types") or [""])[0]
+        try:
+            for exclude_seen in (True, False):
+                self.retrieve([first], None, exclude_seen)
+            self.retrieve([first], [kind], True)
+            self.rank([first], None, [first])
+            self.rank([first], [kind], [first])
+        except ModelError as error:
+            raise VersionLoadError(f"warm-up failed: {error}") from error
+        self.similar(first, 1)
+
+    def _call(self, signature: Callable, **inputs: list[str]) -> dict[str, np.ndarray]:
+        """Run one signature on a single-row batch; any failure becomes a ModelError."""
+        try:
+            out = signature(**{name: _strings(values) for name, values in inputs.items()})
+            return {name: value.numpy()[0] for name, value in out.items()}
+        except (tf.errors.OpError, ValueError, TypeError) as error:
+            log.exception("model version %d failed on %s", self.version,
+                          {name: len(values) for name, values in inputs.items()})
+            message = str(error).splitlines()[0][:300] if str(error) else ""
+            raise ModelError(f"model version {self.version} failed: {type(error).__name__}: "
+                             f"{message}") from error
+
+    def retrieve(self, history: list[str], event_types: list[str] | None,
+                 exclude_seen: bool) -> tuple[list[tuple[str, float]], bool]:
+        """Top metadata-k (item_id, score) for a history, best first, and whether event types
+        were used (the export's `include_seen` signature has no event-type input)."""
+        if not exclude_seen:
+            out, used = self._call(self.retrieval["include_seen"], history=history), False
+        elif event_types is not None:
+            out, used = self._call(self.retrieval["with_event_types"], history=history,
+                                   event_types=event_types), True
+        else:
+            out, used = self._call(self.retrieval["serving_default"], history=history), False
+        pairs = zip(out["item_ids"], out["scores"], strict=True)
+        found = [(item.decode(), float(score)) for item, score in pairs if score > UNFILLED]
+        return found, used
+
+    def rank(self, history: list[str], event_types: list[str] | None,
+             candidates: list[str]) -> tuple[list[tuple[str, float]], list[str]]:
+        """(known candidates with ranking-head scores best first, unknown candidates)."""
+        if event_types is not None:
+            out = self._call(self.ranking["with_event_types"], history=history,
+                             event_types=event_types, candidates=candidates)
+        else:
+            out = self._call(self.ranking["serving_default"], history=history,
+                             candidates=candidates)
+        rows = list(zip(candidates, out["scores"].tolist(), out["known"].tolist(), strict=True))
+        scored = [(item, score) for item, score, known in rows if known]
+        unknown = [item for item, _, known in rows if not known]
+        return sorted(scored, key=lambda pair: -pair[1]), unknown
+
+    def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
+        """Nearest items by cosine of item-tower vectors, the item itself excluded; None if the
+        item has no vector."""
+        row = self.embedding_row.get(item_id)
+        if row is None:
+            return None
+        sims = self.unit_embeddings @ self.unit_embeddings[row]  # [items]
+        sims[row] = -np.inf
+        n = min(k, len(sims) - 1)
+        if n <= 0:
+            return []
+        top = np.argpartition(-sims, n - 1)[:n]
+        top = top[np.argsort(-sims[top], kind="stable")]
+        return [(str(self.embedding_ids[i]), float(sims[i])) for i in top]
+
+
+def _settle_memory() -> None:
+    """Collect garbage (a replaced model once its requests are done), then freeze what is left,
+    TensorFlow and the new model included, out of later collections: full collections over those
+    ~400k objects paused every request for up to ~200 ms and made the p99 latency
+    (bench/bench_api.py, tiny model, 8 connections: p99 93 ms -> 25 ms). A replaced model still
+    serving a request here is reclaimed at the next swap, so at most one old model lingers."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
+@dataclass
+class ReloadResult:
+    model_version: int | None
+    changed: bool
+    failed: dict[int, str]
+
+
+class ModelStore:
+    """The current ServingModel, replaced by newer versions found under model_dir."""
+
+    def __init__(self, model_dir: Path, index: str = "scann", poll_seconds: float = 10.0):
+        import_index_ops(index)
+        self.model_dir, self.index, self.poll_seconds = Path(model_dir), index, poll_seconds
+        self._current: ServingModel | None = None
+        self._failed: dict[int, tuple[int, str]] = {}  # version -> (dir mtime, reason)
+        self._lock = threading.Lock()  # one load at a time (poll thread vs /admin/reload)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def current(self) -> ServingModel | None:
+        """Read once per request: the object stays valid even if a swap happens meanwhile."""
+        return self._current
+
+    @property
+    def failed(self) -> dict[int, str]:
+        return {version: reason for version, (_, reason) in self._failed.items()}
+
+    def refresh(self) -> ReloadResult:
+        """Serve the newest loadable version: load it if it is not the current one. Versions
+        that failed before are skipped unless their directory was replaced since."""
+        with self._lock:
+            before = self._current
+            for version, path in list_versions(self.model_dir):
+                if before is not None and version == before.version:
+                    break
+                try:
+                    stamp = path.stat().st_mtime_ns
+                except OSError:
+                    continue  # removed while we looked
+                if self._failed.get(version, (None,))[0] == stamp:
+                    continue
+                try:
+                    model = ServingModel.load(path, version, self.index)
+                except Exception as error:  # any broken file: refuse it, keep serving
+                    reason = f"{type(error).__name__}: {error}"[:500]
+                    self._failed[version] = (stamp, reason)
+                    log.error("refusing model version %d at %s: %s; still serving %s", version,
+                              path, reason, before.version if before else "nothing")
+                    continue
+                self._current = model  # the swap: one reference assignment
+                log.info("now serving model version %d (was %s)", version,
+                         before.version if before else "none")
+                break
+            current = self._current
+            changed = current is not before
+            del before  # let the collection below free the replaced model
+            if changed:
+                _settle_memory()
+            return ReloadResult(current.version if current else None, changed, self.failed)
+
+    def start(self) -> None:
+        """Load the newest version now, then poll for new ones in a daemon thread."""
+        result = self.refresh()
+        if result.model_version is None:
+            log.error("no loadable model version under %s yet; /ready answers 503",
+                      self.model_dir)
+        if self.poll_seconds > 0 and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._poll, name="model-poll", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # the poller must outlive any one bad scan
+                log.exception("polling %s for new model versions failed", self.model_dir)

@@ -1,0 +1,140 @@
+"""Pydantic models for every request and response of the serving API.
+
+The constraints here are the API's input checks: FastAPI turns a violation into a 422 whose
+`detail[].loc` names the offending field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+K_MAX = 100
+HISTORY_MAX = 1000
+CANDIDATES_MAX = 1000
+ID_MAX_CHARS = 256
+
+ItemId = Annotated[str, Field(max_length=ID_MAX_CHARS)]
+EventType = Annotated[str, Field(max_length=64)]
+K = Annotated[int, Field(ge=1, le=K_MAX, strict=True,
+                         description=f"number of results, 1..{K_MAX}")]
+
+
+class _WithHistory(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a default
+
+    history: list[ItemId] = Field(
+        max_length=HISTORY_MAX,
+        description="raw item ids, oldest first (newest last); unknown ids are ignored and "
+                    "listed in `unknown_items`, \"\" is padding")
+    event_types: list[EventType] | None = Field(
+        default=None, max_length=HISTORY_MAX,
+        description="one event type per history entry (e.g. view, purchase), optional")
+
+    @field_validator("event_types")
+    @classmethod
+    def _events_align(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        history = info.data.get("history")
+        if value is not None and history is not None and len(value) != len(history):
+            raise ValueError(f"event_types has {len(value)} entries but history has "
+                             f"{len(history)}; give one event type per history item")
+        return value
+
+
+class RecommendRequest(_WithHistory):
+    """An anonymous or live session: recommendations from a raw history."""
+
+    k: K = 10
+    exclude_seen: bool = Field(default=True, description="leave out items in the history")
+    rerank: bool = Field(default=False,
+                         description="re-order the retrieved candidates by the ranking head")
+
+    model_config = {"json_schema_extra": {"examples": [
+        {"history": ["SKU0001", "SKU0002"], "event_types": ["view", "purchase"], "k": 5}]}}
+
+
+class RankRequest(_WithHistory):
+    """Candidates to order for a history by the ranking head."""
+
+    candidates: list[ItemId] = Field(min_length=1, max_length=CANDIDATES_MAX)
+
+    model_config = {"json_schema_extra": {"examples": [
+        {"history": ["SKU0001", "SKU0002"], "candidates": ["SKU0003", "SKU0010"]}]}}
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    title: str = Field(description="the item's text from items.parquet")
+    score: float
+
+
+class RecommendationsResponse(BaseModel):
+    user_id: str | None = Field(description="null for a POSTed history")
+    model_version: int
+    recommendations: list[ScoredItem]
+    fallback: bool = Field(
+        default=False,
+        description="true when these are the most popular items (unknown user or no known "
+                    "item in the history); the score is then the item's training count")
+    unknown_items: list[str] = Field(default_factory=list,
+                                     description="history ids not in this model's catalog")
+    reranked: bool = False
+    event_types_used: bool = Field(
+        default=False,
+        description="whether event types reached the model: the export's `include_seen` "
+                    "signature takes no event types, so exclude_seen=false ignores them")
+
+
+class SimilarResponse(BaseModel):
+    item_id: str
+    model_version: int
+    similar: list[ScoredItem] = Field(description="cosine similarity of item-tower vectors")
+
+
+class RankResponse(BaseModel):
+    model_version: int
+    ranked: list[ScoredItem] = Field(description="known candidates, best first")
+    unknown_candidates: list[str] = Field(default_factory=list,
+                                          description="candidates not in the catalog (unranked)")
+    unknown_items: list[str] = Field(default_factory=list,
+                                     description="history ids not in this model's catalog")
+
+
+class HealthResponse(BaseModel):
+    status: str = "ok"
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    model_version: int | None = None
+    index: str
+    detail: str | None = None
+
+
+class MetadataResponse(BaseModel):
+    model_version: int
+    index: str
+    data_source: str | None = None
+    data_manifest: dict[str, Any] | None = None
+    test_metrics: dict[str, Any] | None = None
+    k: int
+    max_seq_len: int | None = None
+    embedding_dim: int | None = None
+    event_types: list[str] = Field(default_factory=list)
+    default_event_type: str | None = Field(
+        default=None, description="assumed for history items sent without an event type")
+    scann: dict[str, Any] | None = None
+    created: str | None = None
+    versions: dict[str, Any] | None = None
+
+
+class ReloadResponse(BaseModel):
+    model_version: int | None
+    changed: bool = Field(description="whether this call swapped in another version")
+    failed_versions: dict[str, str] = Field(
+        default_factory=dict, description="versions refused (not retried), with the reason")
+
+
+class ErrorResponse(BaseModel):
+    detail: str
