@@ -105,7 +105,8 @@ class ServingModel:
             retrieval, ranking = (dict(loaded.signatures) for loaded in saved_models)
         except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as error:
             raise VersionLoadError(f"{type(error).__name__}: {error}") from error
-        for name in ("serving_default", "with_event_types", "include_seen"):
+        for name in ("serving_default", "with_event_types", "include_seen",
+                     "include_seen_with_event_types"):
             if name not in retrieval:
                 raise VersionLoadError(f"{retrieval_dir}/ has no signature {name!r}")
         for name in ("serving_default", "with_event_types"):
@@ -145,7 +146,7 @@ class ServingModel:
         try:
             for exclude_seen in (True, False):
                 self.retrieve([first], None, exclude_seen)
-            self.retrieve([first], [kind], True)
+                self.retrieve([first], [kind], exclude_seen)
             self.rank([first], None, [first])
             self.rank([first], [kind], [first])
         except ModelError as error:
@@ -167,14 +168,14 @@ class ServingModel:
     def retrieve(self, history: list[str], event_types: list[str] | None,
                  exclude_seen: bool) -> tuple[list[tuple[str, float]], bool]:
         """Top metadata-k (item_id, score) for a history, best first, and whether event types
-        were used (the export's `include_seen` signature has no event-type input)."""
-        if not exclude_seen:
-            out, used = self._call(self.retrieval["include_seen"], history=history), False
-        elif event_types is not None:
-            out, used = self._call(self.retrieval["with_event_types"], history=history,
+        were used."""
+        if event_types is not None:
+            name = "with_event_types" if exclude_seen else "include_seen_with_event_types"
+            out, used = self._call(self.retrieval[name], history=history,
                                    event_types=event_types), True
         else:
-            out, used = self._call(self.retrieval["serving_default"], history=history), False
+            name = "serving_default" if exclude_seen else "include_seen"
+            out, used = self._call(self.retrieval[name], history=history), False
         pairs = zip(out["item_ids"], out["scores"], strict=True)
         found = [(item.decode(), float(score)) for item, score in pairs if score > UNFILLED]
         return found, used

@@ -164,5 +164,9 @@ def add_signatures(module: tf.Module, kind: str) -> dict:
         input_signature=[history, events])
     module.serve_all = tf.function(lambda history: module.top_k(history, None, False),
                                    input_signature=[history])
+    module.serve_all_events = tf.function(
+        lambda history, event_types: module.top_k(history, event_types, False),
+        input_signature=[history, events])
     return {"serving_default": module.serve, "with_event_types": module.serve_events,
-            "include_seen": module.serve_all}
+            "include_seen": module.serve_all,
+            "include_seen_with_event_types": module.serve_all_events}

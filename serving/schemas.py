@@ -82,8 +82,8 @@ class RecommendationsResponse(BaseModel):
     reranked: bool = False
     event_types_used: bool = Field(
         default=False,
-        description="whether event types reached the model: the export's `include_seen` "
-                    "signature takes no event types, so exclude_seen=false ignores them")
+        description="whether the request's event types reached the model (without them "
+                    "every history item counts as the training data's most common event type)")
 
 
 class SimilarResponse(BaseModel):

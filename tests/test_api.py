@@ -130,7 +130,7 @@ def test_include_seen_can_return_history_items(client, tables):
     # 20 of 24 items returned and >= 5 history items: some must be among them
     assert len(body["recommendations"]) == 20
     assert history & set(ids_of(body))
-    assert body["event_types_used"] is False  # include_seen has no event-type input
+    assert body["event_types_used"] is True  # the stored history's event types
 
 
 def test_posted_history_is_excluded_unless_asked(client):

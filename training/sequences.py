@@ -55,7 +55,11 @@ def build_sequences(events: pd.DataFrame, num_items: int, cold_fraction: float =
     split = events["split"].to_numpy()
     items = events["item_idx"].to_numpy(np.int32)
     values = events["value"].to_numpy(np.float32)
-    purchase = (events["event_type"].astype(str).to_numpy() == PURCHASE).astype(np.float32)
+    kinds = events["event_type"].astype(str).to_numpy()
+    # Ranking label of an observed event: purchased or not; where the data has no purchase
+    # events at all, every observed interaction is a positive (against sampled negatives).
+    purchase = ((kinds == PURCHASE) if (kinds == PURCHASE).any()
+                else np.ones(len(kinds), bool)).astype(np.float32)
 
     cold = np.zeros(0, np.int32)
     train = split == "train"
