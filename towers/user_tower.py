@@ -1,5 +1,9 @@
 """User tower: the user's recent items, embedded by the shared item tower, encoded by SASRec or
-GRU4Rec, optionally plus a user-id embedding, projected to the shared dimension."""
+GRU4Rec, projected to the shared dimension.
+
+There is deliberately no user-id embedding: the tower must serve users it never saw and live
+sessions from their item history alone, and a served model has no user-id input.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +17,13 @@ class UserTower(tf.keras.layers.Layer):
 
     def __init__(self, kind: str, dim: int, max_len: int, num_blocks: int = 2,
                  num_heads: int = 1, dropout: float = 0.2, gru_layers: int = 1,
-                 num_event_types: int = 0, num_users: int = 0, **kwargs):
+                 num_event_types: int = 0, **kwargs):
         super().__init__(**kwargs)
         if kind not in ("sasrec", "gru"):
             raise ValueError(f"user tower must be 'sasrec' or 'gru', got {kind!r}")
         self.kind, self.dim, self.max_len = kind, dim, max_len
         self.num_blocks, self.num_heads, self.dropout = num_blocks, num_heads, dropout
-        self.gru_layers, self.num_event_types, self.num_users = (gru_layers, num_event_types,
-                                                                 num_users)
+        self.gru_layers, self.num_event_types = gru_layers, num_event_types
         if kind == "sasrec":
             self.encoder = SASRec(dim=dim, max_len=max_len, num_blocks=num_blocks,
                                   num_heads=num_heads, dropout=dropout,
@@ -29,22 +32,15 @@ class UserTower(tf.keras.layers.Layer):
             self.encoder = GRU4Rec(dim=dim, num_layers=gru_layers, dropout=dropout,
                                    num_event_types=num_event_types, name="gru4rec")
         self.projection = tf.keras.layers.Dense(dim, name="user_projection")
-        if num_users:
-            self.user_embedding = tf.keras.layers.Embedding(num_users + 1, dim,
-                                                            name="user_embedding")
 
     def call(self, item_vectors: tf.Tensor, padding_mask: tf.Tensor,
-             event_types: tf.Tensor | None = None, user_idx: tf.Tensor | None = None,
-             training: bool | None = None) -> tf.Tensor:
+             event_types: tf.Tensor | None = None, training: bool | None = None) -> tf.Tensor:
         encoded = self.encoder(item_vectors, padding_mask, event_types=event_types,
                                training=training)  # [batch, seq, dim]
-        if self.num_users and user_idx is not None:
-            encoded += self.user_embedding(user_idx)[:, None, :]
         return self.projection(encoded)  # [batch, seq, dim]
 
     def get_config(self):
         return {**super().get_config(), "kind": self.kind, "dim": self.dim,
                 "max_len": self.max_len, "num_blocks": self.num_blocks,
                 "num_heads": self.num_heads, "dropout": self.dropout,
-                "gru_layers": self.gru_layers, "num_event_types": self.num_event_types,
-                "num_users": self.num_users}
+                "gru_layers": self.gru_layers, "num_event_types": self.num_event_types}

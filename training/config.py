@@ -25,7 +25,6 @@ class TrainConfig:
     cache_dir: str = "cache/text"
     use_metadata: bool = True  # category / brand / price-bucket embeddings
     price_buckets: int = 10
-    use_user_id: bool = False
     dim: int = 64
     max_seq_len: int = 50
     num_blocks: int = 2
