@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 SCANN_NAMESPACE = ["Scann"]
 MIN_RECALL = 0.95
+# ScaNN over-fetches k + (items in the history) so that k remain after excluding seen items;
+# the API accepts histories of up to this many ids.
+MAX_EXCLUDED = 1000
 
 
 @dataclass
@@ -48,12 +51,13 @@ class ScannParams:
     reorder: int
 
     @classmethod
-    def for_catalog(cls, num_items: int, candidates: int, config: TrainConfig) -> ScannParams:
-        """Defaults from the catalog size (about sqrt(N) leaves, 10% searched), overridable."""
+    def for_catalog(cls, num_items: int, fetch: int, config: TrainConfig) -> ScannParams:
+        """Defaults from the catalog size (about sqrt(N) leaves, 10% searched; every fetched
+        candidate re-scored exactly), overridable by the config."""
         leaves = config.scann_num_leaves or int(min(max(round(math.sqrt(num_items)), 2), 4000))
         leaves = min(leaves, max(num_items // 2, 1))
         search = config.scann_leaves_to_search or max(leaves // 10, min(leaves, 8))
-        reorder = config.scann_reorder or max(4 * candidates, 250)
+        reorder = config.scann_reorder or max(fetch, 250)
         return cls(leaves, min(search, leaves), reorder)
 
 
@@ -142,7 +146,8 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
                 max_len=config.max_seq_len, use_events=use_events, default_event=default_event)
     k = min(config.export_k, spec.num_items)
     brute = BruteForceRetrieval(k=k, **base)
-    params = ScannParams.for_catalog(spec.num_items, k + config.max_seq_len, config)
+    max_fetch = min(k + MAX_EXCLUDED, spec.num_items)
+    params = ScannParams.for_catalog(spec.num_items, max_fetch, config)
 
     # Accuracy of the index: recall@10 against brute force over (a sample of) test users.
     test = eval_set(seqs, "test", config.max_seq_len)
@@ -151,8 +156,8 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
     queries = tf.constant(ids[test.history[sample]])
     exact = brute.top_k(queries, None, True)["item_ids"].numpy()
     while True:
-        index = scann_index(item_vectors, k + config.max_seq_len, params)
-        scann = ScannRetrieval(k=k, index=index, **base)
+        index = scann_index(item_vectors, max_fetch, params)
+        scann = ScannRetrieval(k=k, index=index, max_fetch=max_fetch, **base)
         recall = recall_at_k(scann.top_k(queries, None, True)["item_ids"].numpy(), exact)
         print(f"ScaNN recall@10 vs brute force ({len(sample)} test users): {recall:.4f} "
               f"(leaves {params.num_leaves}, search {params.leaves_to_search}, "
@@ -192,7 +197,7 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
             "event_types": spec.event_vocab,
             "default_event_type": (spec.event_vocab[default_event - 1] if default_event
                                    else None),
-            "scann": {**params.__dict__, "candidates": k + config.max_seq_len,
+            "scann": {**params.__dict__, "max_fetch": max_fetch,
                       "recall@10_vs_bruteforce": recall, "recall_users": int(len(sample))},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": _versions()}

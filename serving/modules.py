@@ -112,13 +112,18 @@ class BruteForceRetrieval(_Base):
 class ScannRetrieval(_Base):
     """Approximate top-k from a ScaNN index over the item vectors (needs `import scann`)."""
 
-    def __init__(self, *args, k: int, index: tf.keras.layers.Layer, **kwargs):
+    def __init__(self, *args, k: int, index: tf.keras.layers.Layer, max_fetch: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.k, self.index = k, index  # the index returns k + max_len candidates
+        self.k, self.index, self.max_fetch = k, index, max_fetch
 
     def top_k(self, history, event_types, exclude_seen: bool):
         users, history_idx = self.user_vectors(history, event_types)
-        scores, ids = self.index(users)  # [batch, k + max_len]
+        fetch = tf.constant(self.k)
+        if exclude_seen:
+            # Over-fetch by the longest history so k items survive the exclusion.
+            known = tf.reduce_sum(tf.cast(history_idx > 0, tf.int32), axis=1)
+            fetch = tf.minimum(self.k + tf.reduce_max(known), self.max_fetch)
+        scores, ids = self.index(users, k=fetch)  # [batch, fetch]
         scores = tf.cast(scores, tf.float32)
         ids = tf.cast(ids, tf.int32)
         scores = (_exclude(scores, ids, history_idx) if exclude_seen
