@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tfenv  # noqa: E402,F401
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import tfenv  # noqa: E402,F401
 from serving.export import MIN_RECALL, ScannParams, recall_at_k, scann_index  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 
