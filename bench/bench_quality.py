@@ -34,7 +34,7 @@ CONFIGS = {
     "sasrec": ["--user-tower", "sasrec"],
     "gru": ["--user-tower", "gru"],
     "sasrec-reference": ["--user-tower", "sasrec", "--text-model", "none",
-                         "--ranking-weight", "0"],
+                         "--use-metadata", "false", "--ranking-weight", "0"],
 }
 
 
@@ -74,7 +74,9 @@ def main() -> int:
         run_dir = max(runs_dir.glob("*"), key=lambda p: p.stat().st_mtime)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         metadata = json.loads((run_dir / "metadata.json").read_text())
-        row = {"dataset": args.dataset, "config": name, "text": metrics["text_encoder"],
+        text = metrics["text_encoder"]
+        text = "all-MiniLM-L6-v2" if "minilm" in text.lower() else Path(text).name
+        row = {"dataset": args.dataset, "config": name, "text": text,
                "hr@10": metrics["test"]["hr@10"], "ndcg@10": metrics["test"]["ndcg@10"],
                "mrr": metrics["test"]["mrr"],
                "pop_hr@10": metrics["popularity_test"]["hr@10"],
@@ -94,7 +96,7 @@ def main() -> int:
           "| s/epoch | positions/s | peak MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dataset']} | {r['config']} | {Path(r['text']).name} | {r['hr@10']:.4f} "
+        print(f"| {r['dataset']} | {r['config']} | {r['text']} | {r['hr@10']:.4f} "
               f"| {r['ndcg@10']:.4f} | {r['pop_hr@10']:.4f} | {r['pop_ndcg@10']:.4f} "
               f"| {r['epochs']} | {r['s/epoch']:.1f} | {r['positions/s']:,.0f} "
               f"| {r['peak_mb']:,.0f} |")

@@ -57,6 +57,7 @@ class TwoTowerModel(tfrs.models.Model):
         self.ranking_mode = ranking_mode if ranking_weight > 0 else "none"
         self.retrieval_weight, self.ranking_weight = retrieval_weight, ranking_weight
         self.purchase_pos_weight = purchase_pos_weight
+        self.positions_per_batch = 0.0  # set by the trainer when batches are length-bucketed
         self.ranking_head = RankingHead(item_tower.dim, 2 * item_tower.dim,
                                         name="ranking_head")
         loss = (tf.keras.losses.MeanSquaredError(reduction="sum")
@@ -114,6 +115,11 @@ class TwoTowerModel(tfrs.models.Model):
         if self.ranking_mode != "none":
             loss += self.ranking_weight * self._ranking_loss(
                 features, has_target, queries, target_vectors, training)
+        if training and self.positions_per_batch:
+            # Batches of similar-length windows hold very different numbers of positions;
+            # scaling each batch's mean by its share keeps every position's weight the same
+            # as in randomly mixed batches.
+            loss *= tf.cast(tf.shape(target_ids)[0], loss.dtype) / self.positions_per_batch
         return loss
 
     def _ranking_loss(self, features, has_target, queries, target_vectors, training):

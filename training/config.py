@@ -42,6 +42,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 200
     batch_size: int = 128
+    bucket_batches: int = 32  # sort windows by length within groups of this many batches; 0 = off
     lr: float = 1e-3
     patience: int = 10  # epochs without valid NDCG@10 improvement before stopping
     time_budget_minutes: float = 0.0  # 0 = no budget

@@ -184,7 +184,7 @@ def training_dataset(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
         names.append("event_types")
     lengths = (arrays["history"] > 0).sum(axis=1)
     rng = np.random.default_rng(seed)
-    group = batch_size * max(bucket_batches, 1)
+    group = batch_size * max(bucket_batches, 1)  # 0 or 1: plain shuffled batches
 
     def batches():
         order = rng.permutation(len(lengths))
@@ -322,7 +322,11 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
         rng = np.random.default_rng(config.seed)
         valid_rows = np.sort(rng.choice(len(valid.target), config.valid_users, replace=False))
     positions = int((train_arrays["targets"] > 0).sum())
-    dataset = training_dataset(train_arrays, config.batch_size, config.seed, use_events)
+    if config.bucket_batches > 1:
+        model.positions_per_batch = positions / math.ceil(len(train_arrays["targets"])
+                                                          / config.batch_size)
+    dataset = training_dataset(train_arrays, config.batch_size, config.seed, use_events,
+                               config.bucket_batches)
     checkpoint = run_dir / CHECKPOINT
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     validation = ValidationCallback(UserScorer(model, valid, use_events), config,
