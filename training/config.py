@@ -51,6 +51,7 @@ class TrainConfig:
     distribute: str = "auto"  # auto (mirrored with >1 GPU) | mirrored | multiworker | none
     # evaluation
     valid_users: int = 0  # 0 = all users; else a fixed random subset for per-epoch validation
+    test_users: int = 0  # 0 = all users (the protocol); else a fixed random subset, reported
     eval_batch_size: int = 512
     sampled_negatives: int = 100
     cold_items: float = 0.0  # fraction of items held out of training entirely

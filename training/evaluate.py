@@ -71,6 +71,8 @@ def evaluate(score_fn: ScoreFn, data: EvalSet, num_items: int, batch_size: int =
     """
     rows = np.arange(len(data.target)) if rows is None else rows
     rng = np.random.default_rng(seed)
+    # Keep one score block under ~1 GB however large the catalog is.
+    batch_size = max(1, min(batch_size, 250_000_000 // (num_items + 1)))
     ranks, sampled_ranks = [], []
     in_top10 = np.zeros(num_items + 1, bool)
     for start in range(0, len(rows), batch_size):

@@ -202,6 +202,13 @@ def training_dataset(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
     return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
 
 
+def subset(n: int, size: int, seed: int) -> np.ndarray | None:
+    """A fixed random subset of `size` of n rows, or None (= all) when size is 0 or >= n."""
+    if not size or size >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
 def _device() -> str:
     gpus = tf.config.list_physical_devices("GPU")
     return f"{len(gpus)} GPU(s)" if gpus else f"CPU ({os.cpu_count()} cores)"
@@ -317,10 +324,7 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
         model.compile(optimizer=optimizer)
 
     valid = eval_set(seqs, "valid", config.max_seq_len)
-    valid_rows = None
-    if config.valid_users and config.valid_users < len(valid.target):
-        rng = np.random.default_rng(config.seed)
-        valid_rows = np.sort(rng.choice(len(valid.target), config.valid_users, replace=False))
+    valid_rows = subset(len(valid.target), config.valid_users, config.seed)
     positions = int((train_arrays["targets"] > 0).sum())
     if config.bucket_batches > 1:
         model.positions_per_batch = positions / math.ceil(len(train_arrays["targets"])
@@ -344,11 +348,12 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     model.load_weights(str(checkpoint))
     test = eval_set(seqs, "test", config.max_seq_len)
     scorer = UserScorer(model, test, use_events)
+    test_rows = subset(len(test.target), config.test_users, config.seed)
     common = dict(num_items=seqs.num_items, batch_size=config.eval_batch_size, seed=config.seed)
     popular = lambda rows: np.broadcast_to(counts, (len(rows), len(counts)))  # noqa: E731
     results = {"test": evaluate(scorer, test, sampled_negatives=config.sampled_negatives,
-                                **common),
-               "popularity_test": evaluate(popular, test,
+                                rows=test_rows, **common),
+               "popularity_test": evaluate(popular, test, rows=test_rows,
                                            sampled_negatives=config.sampled_negatives, **common),
                "best_valid_ndcg@10": validation.best, "best_epoch": validation.best_epoch + 1,
                "epochs": len(validation.epoch_times),
@@ -362,6 +367,8 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
                                        f"{config.sampled_negatives} random unseen items"}
     if len(seqs.cold_items):
         cold_rows = np.flatnonzero(np.isin(test.target, seqs.cold_items))
+        if test_rows is not None:
+            cold_rows = np.intersect1d(cold_rows, test_rows)
         results["cold_items"] = int(len(seqs.cold_items))
         results["cold_test"] = evaluate(scorer, test, rows=cold_rows, **common)
         results["cold_popularity_test"] = evaluate(popular, test, rows=cold_rows, **common)
