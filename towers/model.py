@@ -58,6 +58,7 @@ class TwoTowerModel(tfrs.models.Model):
         self.retrieval_weight, self.ranking_weight = retrieval_weight, ranking_weight
         self.purchase_pos_weight = purchase_pos_weight
         self.positions_per_batch = 0.0  # set by the trainer when batches are length-bucketed
+        self.loss_tracker = tf.keras.metrics.Mean(name="loss")  # epoch mean, not last batch
         self.ranking_head = RankingHead(item_tower.dim, 2 * item_tower.dim,
                                         name="ranking_head")
         loss = (tf.keras.losses.MeanSquaredError(reduction="sum")
@@ -159,8 +160,13 @@ class TwoTowerModel(tfrs.models.Model):
         if scaled_optimizer:
             gradients = self.optimizer.get_unscaled_gradients(gradients)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        return {"loss": loss, "total_loss": total_loss}
+        self.loss_tracker.update_state(total_loss)
+        return {"loss": self.loss_tracker.result()}
 
     def test_step(self, inputs):
-        loss = self.compute_loss(inputs, training=False)
-        return {"loss": loss}
+        self.loss_tracker.update_state(self.compute_loss(inputs, training=False))
+        return {"loss": self.loss_tracker.result()}
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]  # Keras resets these at the start of every epoch
