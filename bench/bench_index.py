@@ -5,7 +5,8 @@ and recall@10 against exact search, for synthetic catalogs of 100K and 1M items.
 
 Item vectors are clustered (like trained item embeddings, unlike i.i.d. noise); queries are
 drawn near the clusters. ScaNN parameters are the export defaults for the catalog size,
-with leaves-to-search doubled until recall@10 >= 0.95, exactly as `train.py export` does.
+with leaves searched and candidates re-scored doubled until recall@10 >= 0.95, exactly as
+`train.py export` does ("build s" includes those rounds and their recall checks).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import tfenv  # noqa: E402,F401  (TF settings before TensorFlow loads)
+
+# isort: split
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import tfenv  # noqa: E402,F401
-from serving.export import MIN_RECALL, ScannParams, recall_at_k, scann_index  # noqa: E402
+from serving.export import ScannParams, recall_at_k, tuned_scann  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 
 K = 10
@@ -85,16 +88,14 @@ def main() -> int:
             exact = exact_top_k(items_tf, queries, K) + 1  # ScaNN identifiers are 1-based
             params = ScannParams.for_catalog(n, K, TrainConfig())
             padded = np.concatenate([np.zeros((1, dim), np.float32), items])
-            while True:
-                start = time.perf_counter()
-                index = scann_index(padded, K, params)
-                build = time.perf_counter() - start
+            def recall_of(index, queries=queries, exact=exact):
                 found = np.concatenate([index(queries[s:s + 256])[1].numpy()
                                         for s in range(0, len(queries), 256)])
-                recall = recall_at_k(found, exact, K)
-                if recall >= MIN_RECALL or params.leaves_to_search >= params.num_leaves:
-                    break
-                params.leaves_to_search = min(params.num_leaves, params.leaves_to_search * 2)
+                return recall_at_k(found, exact, K), index
+
+            start = time.perf_counter()
+            index, params, recall = tuned_scann(padded, K, params, recall_of)
+            build = time.perf_counter() - start  # includes the recall checks of each round
             # Both searches run as graphs, as they do inside the exported SavedModels.
             scann = tf.function(index.__call__,
                                 input_signature=[tf.TensorSpec([None, dim], tf.float32)])

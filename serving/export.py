@@ -76,6 +76,25 @@ def scann_index(item_vectors: np.ndarray, k: int, params: ScannParams) -> tf.ker
     return layer
 
 
+MAX_REORDER = 8192
+
+
+def tuned_scann(item_vectors: np.ndarray, fetch: int, params: ScannParams, recall_of):
+    """Build the index, then double the leaves searched and the candidates re-scored until
+    `recall_of(index)` -> (recall, result) reaches MIN_RECALL or both are at their maximum.
+
+    Returns (result, final params, recall).
+    """
+    while True:
+        recall, result = recall_of(scann_index(item_vectors, fetch, params))
+        log.info("ScaNN %s: recall@10 %.4f", params, recall)
+        if recall >= MIN_RECALL or (params.leaves_to_search >= params.num_leaves
+                                    and params.reorder >= MAX_REORDER):
+            return result, params, recall
+        params.leaves_to_search = min(params.num_leaves, params.leaves_to_search * 2)
+        params.reorder = min(MAX_REORDER, params.reorder * 2)
+
+
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = 10) -> float:
     """Mean share of the exact top-k found in the approximate top-k."""
     hits = [len(set(a[:k].tolist()) & set(e[:k].tolist())) / k
@@ -155,16 +174,15 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
     sample = np.random.default_rng(0).permutation(len(test.target))[:2000]
     queries = tf.constant(ids[test.history[sample]])
     exact = brute.top_k(queries, None, True)["item_ids"].numpy()
-    while True:
-        index = scann_index(item_vectors, max_fetch, params)
+
+    def recall_of(index):
         scann = ScannRetrieval(k=k, index=index, max_fetch=max_fetch, **base)
-        recall = recall_at_k(scann.top_k(queries, None, True)["item_ids"].numpy(), exact)
-        print(f"ScaNN recall@10 vs brute force ({len(sample)} test users): {recall:.4f} "
-              f"(leaves {params.num_leaves}, search {params.leaves_to_search}, "
-              f"reorder {params.reorder})", flush=True)
-        if recall >= MIN_RECALL or params.leaves_to_search >= params.num_leaves:
-            break
-        params.leaves_to_search = min(params.num_leaves, params.leaves_to_search * 2)
+        return recall_at_k(scann.top_k(queries, None, True)["item_ids"].numpy(), exact), scann
+
+    scann, params, recall = tuned_scann(item_vectors, max_fetch, params, recall_of)
+    print(f"ScaNN recall@10 vs brute force ({len(sample)} test users): {recall:.4f} "
+          f"(leaves {params.num_leaves}, search {params.leaves_to_search}, "
+          f"reorder {params.reorder})", flush=True)
     ranker = Ranker(ranking_head=model.ranking_head, **base)
 
     export_dir.mkdir(parents=True, exist_ok=True)
