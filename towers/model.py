@@ -61,6 +61,8 @@ class TwoTowerModel(tfrs.models.Model):
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")  # epoch mean, not last batch
         self.ranking_head = RankingHead(item_tower.dim, 2 * item_tower.dim,
                                         name="ranking_head")
+        # Without a ranking task the head gets no gradient: keep it out of the optimizer.
+        self.ranking_head.trainable = self.ranking_mode != "none"
         loss = (tf.keras.losses.MeanSquaredError(reduction="sum")
                 if self.ranking_mode == "rating"
                 else tf.keras.losses.BinaryCrossentropy(from_logits=True, reduction="sum"))
