@@ -5,7 +5,7 @@ and recall@10 against exact search, for synthetic catalogs of 100K and 1M items.
 
 Item vectors are clustered (like trained item embeddings, unlike i.i.d. noise); queries are
 drawn near the clusters. ScaNN parameters are the export defaults for the catalog size,
-with leaves searched and candidates re-scored doubled until recall@10 >= 0.95, exactly as
+with leaves searched and candidates re-scored raised until recall@10 >= 0.95, exactly as
 `train.py export` does ("build s" includes those rounds and their recall checks).
 """
 

@@ -80,7 +80,7 @@ MAX_REORDER = 8192
 
 
 def tuned_scann(item_vectors: np.ndarray, fetch: int, params: ScannParams, recall_of):
-    """Build the index, then double the leaves searched and the candidates re-scored until
+    """Build the index, then raise the leaves searched and the candidates re-scored until
     `recall_of(index)` -> (recall, result) reaches MIN_RECALL or both are at their maximum.
 
     Returns (result, final params, recall).
@@ -91,8 +91,12 @@ def tuned_scann(item_vectors: np.ndarray, fetch: int, params: ScannParams, recal
         if recall >= MIN_RECALL or (params.leaves_to_search >= params.num_leaves
                                     and params.reorder >= MAX_REORDER):
             return result, params, recall
-        params.leaves_to_search = min(params.num_leaves, params.leaves_to_search * 2)
-        params.reorder = min(MAX_REORDER, params.reorder * 2)
+        # Steps of 1.5x: large enough to converge in a few rounds, small enough not to
+        # overshoot the recall target by much (every extra leaf costs query time).
+        params.leaves_to_search = min(params.num_leaves,
+                                      max(params.leaves_to_search + 1,
+                                          int(params.leaves_to_search * 1.5)))
+        params.reorder = min(MAX_REORDER, int(params.reorder * 1.5))
 
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = 10) -> float:
