@@ -29,9 +29,9 @@ from training.trainer import (
     RUN_FILE,
     SPEC_FILE,
     ModelSpec,
-    _versions,
     build_model,
     install_features,
+    package_versions,
     prepare,
 )
 
@@ -222,7 +222,7 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
             "scann": {**params.__dict__, "max_fetch": max_fetch,
                       "recall@10_vs_bruteforce": recall, "recall_users": int(len(sample))},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": _versions()}
+            "versions": package_versions()}
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
         _before_rename_hook(tmp)
         os.replace(tmp, export_dir / str(version))

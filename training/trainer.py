@@ -214,7 +214,7 @@ def _device() -> str:
     return f"{len(gpus)} GPU(s)" if gpus else f"CPU ({os.cpu_count()} cores)"
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
@@ -378,7 +378,7 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     plot_curves(history, run_dir / "training_curves.png")
     manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
     metadata = {"data": str(data_dir), "data_manifest_sha256":
-                hashlib.sha256(manifest_bytes).hexdigest(), "versions": _versions(),
+                hashlib.sha256(manifest_bytes).hexdigest(), "versions": package_versions(),
                 "device": _device(), "strategy": type(strategy).__name__,
                 "replicas": strategy.num_replicas_in_sync,
                 "precision": tf.keras.mixed_precision.global_policy().name,
