@@ -1,6 +1,9 @@
 """SASRec sequence encoder: causal self-attention over a user's item history.
 
-Kang & McAuley 2018, "Self-Attentive Sequential Recommendation", with pre-LayerNorm blocks.
+Kang & McAuley 2018, "Self-Attentive Sequential Recommendation". LayerNorm comes before the
+attention (on its query) and before the feed-forward layer, as in the authors' code; a standard
+pre-LayerNorm transformer block is the `pre_ln` option (it trained to lower NDCG here, see the
+README's quality section).
 The layer takes already-embedded items (the item tower owns the table) and returns one
 vector per position; the vector at the newest item is the user's state.
 """
@@ -19,13 +22,31 @@ def _build_in_scope(layer: tf.keras.layers.Layer, width: int) -> None:
         layer.build(tf.TensorShape([None, None, width]))
 
 
+LAYOUTS = ("sasrec", "pre_ln")
+
+
 class _SelfAttentionBlock(tf.keras.layers.Layer):
-    """LN -> causal multi-head self-attention -> residual; LN -> point-wise FFN -> residual."""
+    """One block in one of two layouts.
+
+    `pre_ln` (standard pre-LayerNorm transformer):
+        x = x + Attn(LN(x)); x = x + FFN(LN(x))
+    `sasrec` (the layout of the SASRec authors' code: only the query is normalised, and the
+    residual stream is re-normalised before the feed-forward layer):
+        q = LN(x); x = q + Attn(q, keys and values from x); x = LN(x); x = x + FFN(x)
+    """
 
     def __init__(
-        self, dim: int, num_heads: int, ffn_dim: int, dropout: float, epsilon: float, **kwargs
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float,
+        epsilon: float,
+        layout: str = "sasrec",
+        **kwargs,
     ):
         super().__init__(**kwargs)
+        self.layout = layout
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -52,20 +73,41 @@ class _SelfAttentionBlock(tf.keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, x, attention_bias, keep, training=None):
-        x = x + self._attend(self.attention_norm(x), attention_bias, training)
-        h = self.dropout(self.ffn_hidden(self.ffn_norm(x)), training=training)  # [batch, seq, ffn]
+        if self.layout == "sasrec":
+            query = self.attention_norm(x)
+            x = query + self._attend(query, x, attention_bias, training)
+            x = self.ffn_norm(x)
+            h = self.dropout(self.ffn_hidden(x), training=training)  # [batch, seq, ffn]
+        else:
+            h = self.attention_norm(x)
+            x = x + self._attend(h, h, attention_bias, training)
+            h = self.dropout(self.ffn_hidden(self.ffn_norm(x)), training=training)
         x = x + self.dropout(self.ffn_output(h), training=training)  # [batch, seq, dim]
         return x * keep  # padded positions back to zero
 
-    def _attend(self, h, attention_bias, training):
+    def _project(self, h, columns: slice | None, parts: int):
+        """h @ qkv[:, columns]: [batch, seq, dim] -> [parts, batch, heads, seq, head_dim]."""
         batch, seq = tf.shape(h)[0], tf.shape(h)[1]
-        qkv = tf.reshape(self.qkv(h), [batch, seq, 3, self.num_heads, self.head_dim])
-        q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # each [batch, heads, seq, hd]
+        if columns is None:
+            out = self.qkv(h)
+        else:
+            kernel = tf.cast(self.qkv.kernel[:, columns], h.dtype)
+            out = tf.matmul(h, kernel) + tf.cast(self.qkv.bias[columns], h.dtype)
+        out = tf.reshape(out, [batch, seq, parts, self.num_heads, self.head_dim])
+        return tf.transpose(out, [2, 0, 3, 1, 4])
+
+    def _attend(self, query_input, kv_input, attention_bias, training):
+        batch, seq = tf.shape(query_input)[0], tf.shape(query_input)[1]
+        if query_input is kv_input:  # all heads' queries, keys and values in one matmul
+            q, k, v = tf.unstack(self._project(query_input, None, 3))
+        else:
+            q = self._project(query_input, slice(0, self.dim), 1)[0]
+            k, v = tf.unstack(self._project(kv_input, slice(self.dim, None), 2))
         q = q * (1.0 / math.sqrt(self.head_dim))
         scores = tf.matmul(q, k, transpose_b=True)  # [batch, heads, seq, seq]
         # Softmax in float32: the -1e9 bias overflows float16 under mixed precision.
         weights = tf.nn.softmax(tf.cast(scores, tf.float32) + attention_bias)
-        weights = self.dropout(tf.cast(weights, h.dtype), training=training)
+        weights = self.dropout(tf.cast(weights, query_input.dtype), training=training)
         out = tf.matmul(weights, v)  # [batch, heads, seq, hd]
         out = tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [batch, seq, self.dim])
         return self.attention_output(out)  # [batch, seq, dim]
@@ -91,9 +133,12 @@ class SASRec(tf.keras.layers.Layer):
         num_event_types: int = 0,
         ffn_dim: int | None = None,
         epsilon: float = 1e-8,
+        layout: str = "sasrec",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if layout not in LAYOUTS:
+            raise ValueError(f"SASRec: layout must be one of {LAYOUTS}, got {layout!r}")
         if dim % num_heads:
             raise ValueError(f"SASRec: dim={dim} is not divisible by num_heads={num_heads}")
         self.dim = dim
@@ -104,9 +149,12 @@ class SASRec(tf.keras.layers.Layer):
         self.num_event_types = num_event_types
         self.ffn_dim = ffn_dim or dim
         self.epsilon = epsilon
+        self.layout = layout
         self.dropout = tf.keras.layers.Dropout(dropout)
         self.blocks = [
-            _SelfAttentionBlock(dim, num_heads, self.ffn_dim, dropout, epsilon, name=f"block_{i}")
+            _SelfAttentionBlock(
+                dim, num_heads, self.ffn_dim, dropout, epsilon, layout, name=f"block_{i}"
+            )
             for i in range(num_blocks)
         ]
         self.final_norm = tf.keras.layers.LayerNormalization(epsilon=epsilon, name="final_norm")
@@ -162,4 +210,5 @@ class SASRec(tf.keras.layers.Layer):
             "num_event_types": self.num_event_types,
             "ffn_dim": self.ffn_dim,
             "epsilon": self.epsilon,
+            "layout": self.layout,
         }

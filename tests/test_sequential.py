@@ -18,7 +18,11 @@ def make_gru4rec(dim: int = DIM, **kwargs) -> GRU4Rec:
     return GRU4Rec(dim, **{"num_layers": 2, **kwargs})
 
 
-ENCODERS = {"sasrec": make_sasrec, "gru4rec": make_gru4rec}
+def make_pre_ln_sasrec(dim: int = DIM, **kwargs) -> SASRec:
+    return make_sasrec(dim, **{"layout": "pre_ln", **kwargs})
+
+
+ENCODERS = {"sasrec": make_sasrec, "sasrec-pre-ln": make_pre_ln_sasrec, "gru4rec": make_gru4rec}
 
 
 @pytest.fixture(params=list(ENCODERS))
@@ -139,7 +143,7 @@ def test_sasrec_longer_than_max_len_is_an_error():
         (
             SASRec,
             {"dim": DIM, "max_len": 12, "num_blocks": 1, "num_heads": 4, "dropout": 0.1,
-             "num_event_types": 4, "ffn_dim": 6, "epsilon": 1e-6},
+             "num_event_types": 4, "ffn_dim": 6, "epsilon": 1e-6, "layout": "pre_ln"},
         ),
         (GRU4Rec, {"dim": DIM, "num_layers": 3, "dropout": 0.1, "num_event_types": 4}),
     ],

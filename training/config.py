@@ -31,6 +31,8 @@ class TrainConfig:
     num_heads: int = 1
     dropout: float = 0.2
     gru_layers: int = 1
+    sasrec_layout: str = "sasrec"  # sasrec | pre_ln (see sequential/sasrec.py)
+    user_projection: bool = False  # Dense layer on the encoder output (cost NDCG, README)
     # tasks
     negatives: str = "auto"  # auto | full | sampled
     full_softmax_max_items: int = 50_000  # auto: full softmax up to this catalog size
@@ -42,8 +44,10 @@ class TrainConfig:
     # optimisation
     epochs: int = 200
     batch_size: int = 128
+    train_windows: str = "last"  # last (one window per user) | all (every train event)
     bucket_batches: int = 32  # sort windows by length within groups of this many batches; 0 = off
     lr: float = 1e-3
+    adam_beta2: float = 0.98  # as SASRec's authors train
     patience: int = 10  # epochs without valid NDCG@10 improvement before stopping
     time_budget_minutes: float = 0.0  # 0 = no budget
     seed: int = 42
@@ -64,7 +68,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         choices = {"user_tower": ("sasrec", "gru"), "text_mode": ("frozen", "finetune"),
-                   "text_pooling": ("mean", "cls"), "negatives": ("auto", "full", "sampled"),
+                   "text_pooling": ("mean", "cls"), "sasrec_layout": ("sasrec", "pre_ln"),
+                   "train_windows": ("last", "all"), "negatives": ("auto", "full", "sampled"),
                    "ranking_target": ("auto", "rating", "purchase", "none"),
                    "mixed_precision": ("auto", "on", "off"),
                    "distribute": ("auto", "mirrored", "multiworker", "none")}

@@ -100,21 +100,41 @@ def _left_pad(rows: list[np.ndarray], length: int, dtype) -> np.ndarray:
     return out
 
 
-def training_arrays(seqs: Sequences, max_len: int) -> dict[str, np.ndarray]:
-    """One left-padded window per user: the last `max_len` train items as input and the item
-    after each of them as target (SASRec's training layout)."""
+def training_arrays(seqs: Sequences, max_len: int,
+                    windows: str = "last") -> dict[str, np.ndarray]:
+    """Left-padded training windows: `max_len` train items as input and the item after each of
+    them as target (SASRec's training layout).
+
+    windows="last": one window per user, their last `max_len` + 1 train items (SASRec's own
+    choice: a user longer than that contributes only their most recent events).
+    windows="all": also the earlier events, cut into further windows going back in time whose
+    targets do not overlap, so every train event is a target exactly once per epoch.
+    """
+    if windows not in ("last", "all"):
+        raise ValueError(f"windows must be 'last' or 'all', got {windows!r}")
     starts, ends = seqs.offsets[:-1], seqs.offsets[1:]
     users = np.flatnonzero(ends - starts >= 2)
-    # Input = events [end - max_len - 1, end - 1), target = the next event for each.
-    lo = np.maximum(starts[users], ends[users] - max_len - 1)
+    his, los = [ends[users]], []
+    while True:  # window ends, newest first; a window needs two events
+        # Input = events [hi - max_len - 1, hi - 1), target = the next event for each.
+        lo = np.maximum(starts[users], his[-1] - max_len - 1)
+        los.append(lo)
+        if windows == "last":
+            break
+        more = his[-1] - max_len - starts[users] >= 2
+        if not more.any():
+            break
+        users, hi = users[more], his[-1][more] - max_len
+        his.append(hi)
+    lo, hi = np.concatenate(los), np.concatenate(his)
     out = {}
     for name, source, dtype in (("history", seqs.items, np.int32),
                                 ("event_types", seqs.event_types, np.int32)):
-        out[name] = _left_pad([source[a:b - 1] for a, b in zip(lo, ends[users])], max_len, dtype)
+        out[name] = _left_pad([source[a:b - 1] for a, b in zip(lo, hi)], max_len, dtype)
     for name, source, dtype in (("targets", seqs.items, np.int32),
                                 ("target_values", seqs.values, np.float32),
                                 ("target_purchase", seqs.purchase, np.float32)):
-        out[name] = _left_pad([source[a + 1:b] for a, b in zip(lo, ends[users])], max_len, dtype)
+        out[name] = _left_pad([source[a + 1:b] for a, b in zip(lo, hi)], max_len, dtype)
     return out
 
 

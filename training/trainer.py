@@ -61,7 +61,9 @@ def build_model(config: TrainConfig, spec: ModelSpec) -> TwoTowerModel:
     user_tower = UserTower(config.user_tower, config.dim, config.max_seq_len,
                            num_blocks=config.num_blocks, num_heads=config.num_heads,
                            dropout=config.dropout, gru_layers=config.gru_layers,
-                           num_event_types=spec.num_event_types, name="user_tower")
+                           num_event_types=spec.num_event_types,
+                           layout=config.sasrec_layout, projection=config.user_projection,
+                           name="user_tower")
     retrieval = NextItemRetrieval(spec.num_items, spec.retrieval_mode, config.num_negatives,
                                   config.logq_correction, name="retrieval")
     return TwoTowerModel(item_tower, user_tower, retrieval, spec.ranking_mode,
@@ -306,7 +308,7 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
         items, manifest, seqs, features = prepare(config, data_dir)
     if features.text_source != "none":
         print(f"text encoder: {features.text_source}", flush=True)
-    train_arrays = training_arrays(seqs, config.max_seq_len)
+    train_arrays = training_arrays(seqs, config.max_seq_len, config.train_windows)
     if len(train_arrays["history"]) == 0:
         raise ValueError(f"{data_dir}: no user has two training events; nothing to train on")
     spec = model_spec(config, seqs, features, train_arrays)
@@ -318,7 +320,7 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     with strategy.scope():
         model = build_model(config, spec)
         install_features(model, features, config, popularity)
-        optimizer = tf.keras.optimizers.Adam(config.lr)
+        optimizer = tf.keras.optimizers.Adam(config.lr, beta_2=config.adam_beta2)
         if tf.keras.mixed_precision.global_policy().name == "mixed_float16":
             optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
         model.compile(optimizer=optimizer)
