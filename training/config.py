@@ -44,7 +44,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 200
     batch_size: int = 128
-    train_windows: str = "last"  # last (one window per user) | all (every train event)
+    train_windows: str = "all"  # all (every train event a target) | last (one window per user)
     bucket_batches: int = 32  # sort windows by length within groups of this many batches; 0 = off
     lr: float = 1e-3
     adam_beta2: float = 0.98  # as SASRec's authors train
