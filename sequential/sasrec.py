@@ -75,12 +75,12 @@ class _SelfAttentionBlock(tf.keras.layers.Layer):
     def call(self, x, attention_bias, keep, training=None):
         if self.layout == "sasrec":
             query = self.attention_norm(x)
-            x = query + self._attend(query, x, attention_bias, training)
+            x = query + self._attend(query, attention_bias, training, kv_input=x)
             x = self.ffn_norm(x)
             h = self.dropout(self.ffn_hidden(x), training=training)  # [batch, seq, ffn]
         else:
             h = self.attention_norm(x)
-            x = x + self._attend(h, h, attention_bias, training)
+            x = x + self._attend(h, attention_bias, training)
             h = self.dropout(self.ffn_hidden(self.ffn_norm(x)), training=training)
         x = x + self.dropout(self.ffn_output(h), training=training)  # [batch, seq, dim]
         return x * keep  # padded positions back to zero
@@ -96,9 +96,10 @@ class _SelfAttentionBlock(tf.keras.layers.Layer):
         out = tf.reshape(out, [batch, seq, parts, self.num_heads, self.head_dim])
         return tf.transpose(out, [2, 0, 3, 1, 4])
 
-    def _attend(self, query_input, kv_input, attention_bias, training):
+    def _attend(self, query_input, attention_bias, training, kv_input=None):
+        """Causal attention; keys and values from `kv_input`, or from `query_input` if None."""
         batch, seq = tf.shape(query_input)[0], tf.shape(query_input)[1]
-        if query_input is kv_input:  # all heads' queries, keys and values in one matmul
+        if kv_input is None:  # all heads' queries, keys and values in one matmul
             q, k, v = tf.unstack(self._project(query_input, None, 3))
         else:
             q = self._project(query_input, slice(0, self.dim), 1)[0]

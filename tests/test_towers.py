@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from towers.item_tower import ItemTower
 from towers.tasks import NextItemRetrieval, mixed_sampling_probability
+from towers.user_tower import UserTower
 
 
 def _task(**kwargs):
@@ -63,3 +64,19 @@ def test_cold_items_get_finite_text_based_vectors():
     tower.id_embedding.assign(tower.id_embedding + 10.0)
     assert np.allclose(tower(tf.constant([3])).numpy()[0], vectors[3], atol=1e-6)
     assert not np.allclose(tower(tf.constant([1])).numpy()[0], vectors[1])
+
+
+def test_user_tower_projection_is_optional():
+    items = tf.random.stateless_normal([2, 5, 8], seed=[0, 1])
+    mask = tf.constant([[False, True, True, True, True]] * 2)
+    plain = UserTower("sasrec", dim=8, max_len=5, dropout=0.0)
+    projected = UserTower("sasrec", dim=8, max_len=5, dropout=0.0, projection=True)
+    out = plain(items, mask)
+    # Without projection the user vector is the encoder's output itself.
+    np.testing.assert_allclose(out, plain.encoder(items, mask), atol=1e-6)
+    assert not any("user_projection" in w.name for w in plain.weights)
+    projected(items, mask)
+    assert any("user_projection" in w.name for w in projected.weights)
+    config = projected.get_config()
+    assert config["projection"] is True and config["layout"] == "sasrec"
+    assert UserTower.from_config(config).get_config() == config

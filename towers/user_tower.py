@@ -3,7 +3,7 @@ GRU4Rec at the shared dimension, optionally followed by a Dense projection.
 
 The projection is off by default: SASRec's final LayerNorm output scored directly against the
 item vectors (as in the paper) reached clearly higher NDCG@10 than with an extra Dense layer
-(online-retail valid NDCG@10 0.218 vs 0.199, README).
+(online-retail valid NDCG@10 0.218 vs 0.201, README).
 
 There is deliberately no user-id embedding: the tower must serve users it never saw and live
 sessions from their item history alone, and a served model has no user-id input.

@@ -114,19 +114,14 @@ def training_arrays(seqs: Sequences, max_len: int,
         raise ValueError(f"windows must be 'last' or 'all', got {windows!r}")
     starts, ends = seqs.offsets[:-1], seqs.offsets[1:]
     users = np.flatnonzero(ends - starts >= 2)
-    his, los = [ends[users]], []
-    while True:  # window ends, newest first; a window needs two events
-        # Input = events [hi - max_len - 1, hi - 1), target = the next event for each.
-        lo = np.maximum(starts[users], his[-1] - max_len - 1)
-        los.append(lo)
-        if windows == "last":
-            break
-        more = his[-1] - max_len - starts[users] >= 2
-        if not more.any():
-            break
-        users, hi = users[more], his[-1][more] - max_len
-        his.append(hi)
-    lo, hi = np.concatenate(los), np.concatenate(his)
+    targets = ends[users] - starts[users] - 1  # every event but the first can be a target
+    count = -(-targets // max_len) if windows == "all" else np.ones_like(targets)
+    # Window j of a user (j = 0 newest) ends at event hi = end - j * max_len; its input is
+    # events [hi - max_len - 1, hi - 1) and its targets the next event for each.
+    owner = np.repeat(users, count)
+    back = np.arange(len(owner)) - np.repeat(np.cumsum(count) - count, count)  # j per window
+    hi = ends[owner] - back * max_len
+    lo = np.maximum(starts[owner], hi - max_len - 1)
     out = {}
     for name, source, dtype in (("history", seqs.items, np.int32),
                                 ("event_types", seqs.event_types, np.int32)):
