@@ -1,9 +1,46 @@
-"""Train, evaluate and export the two-tower recommender (see `python train.py --help`)."""
+"""Train, evaluate and export the two-tower recommender (see `python train.py --help`).
+
+`train.py --data DIR --out DIR [flags]` trains a run (runs/NAME-TIMESTAMP), prints its test
+summary and exports it as saved_model/NAME/VERSION; `train.py export --run RUN_DIR` exports a
+finished run again, from the run directory alone.
+"""
 
 import sys
+from pathlib import Path
 
-import tfenv  # noqa: F401  (TF settings before TensorFlow loads)
-from training.cli import main
+from training import cli  # noqa: I001  (imports tfenv; TensorFlow itself loads later)
+from training.config import config_from_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cli.configure_logging(cli.is_verbose(argv))
+    try:
+        if argv[:1] == ["export"]:
+            args = cli.export_parser().parse_args(argv[1:])
+            from serving.export import export_run
+
+            export_run(Path(args.run), Path(args.out) if args.out else None)
+            return 0
+        args = cli.train_parser().parse_args(argv)
+        config = config_from_args(args)
+        if not Path(args.data).is_dir():
+            raise ValueError(f"--data {args.data}: no such directory (run prepare_data.py)")
+        from serving.export import export_run
+        from training.report import summary_lines
+        from training.trainer import train
+
+        run_dir = cli.run_dir_for(args.runs_dir, args.out)
+        results = train(config, args.data, run_dir, export_dir=Path(args.out))
+        print("\n".join(summary_lines(results)), flush=True)
+        if config.export:
+            export_run(run_dir, Path(args.out))
+        print(f"run directory: {run_dir}")
+        return 0
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
 
 if __name__ == "__main__":
     sys.exit(main())

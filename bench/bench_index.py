@@ -25,7 +25,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from serving.export import ScannParams, recall_at_k, tuned_scann  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
 
 K = 10
 
@@ -86,7 +85,7 @@ def main() -> int:
                 return tf.math.top_k(tf.matmul(q, items_tf, transpose_b=True), K)
 
             exact = exact_top_k(items_tf, queries, K) + 1  # ScaNN identifiers are 1-based
-            params = ScannParams.for_catalog(n, K, TrainConfig())
+            params = ScannParams.for_catalog(n, K)
             padded = np.concatenate([np.zeros((1, dim), np.float32), items])
             def recall_of(index, queries=queries, exact=exact):
                 found = np.concatenate([index(queries[s:s + 256])[1].numpy()

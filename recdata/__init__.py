@@ -1,12 +1,12 @@
 """recdata: raw interaction data sets -> items.parquet, events.parquet, manifest.json.
 
-Readers (one per source) return `RawData`; `prepare` dedupes, filters, splits and indexes it
-following the evaluation protocol (shared/PROTOCOL.md); `write_processed` / `load_processed`
+Readers (one per source) return `RawData`; `build_processed` dedupes, filters, splits and indexes
+it following the evaluation protocol (shared/PROTOCOL.md); `write_processed` / `load_processed`
 are the disk format. No TensorFlow here.
 """
 
 from recdata.io import load_processed, make_manifest, write_processed
-from recdata.process import Processed, ProcessOptions, prepare
+from recdata.process import Processed, ProcessOptions, build_processed
 from recdata.readers import (
     EventColumns,
     read_amazon,
@@ -24,10 +24,10 @@ __all__ = [
     "Processed",
     "ProcessOptions",
     "RawData",
+    "build_processed",
     "generate_synthetic",
     "load_processed",
     "make_manifest",
-    "prepare",
     "read_amazon",
     "read_events",
     "read_movielens",

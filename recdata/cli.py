@@ -20,7 +20,7 @@ import pandas as pd
 
 from recdata import readers, synthetic
 from recdata.io import make_manifest, write_processed
-from recdata.process import LEAVE_ONE_OUT, TEMPORAL, ProcessOptions, prepare
+from recdata.process import LEAVE_ONE_OUT, TEMPORAL, ProcessOptions, build_processed
 from recdata.schema import DataError, RawData
 
 log = logging.getLogger("recdata")
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         raw, reader_options = read_source(args)
         log.info("read %d rows in %.1fs", raw.rows_read, time.perf_counter() - start)
-        result = prepare(raw, options)
+        result = build_processed(raw, options)
         log.info("processed in %.1fs", time.perf_counter() - start)
         settings = dataclasses.asdict(options) | {"skip_bad_lines": args.skip_bad_lines}
         manifest = make_manifest(args.source, raw.inputs, settings | reader_options, result.counts)

@@ -24,7 +24,6 @@ from recdata.schema import EVENTS_SCHEMA, ITEMS_SCHEMA, SCHEMA_VERSION, SPLITS, 
 ITEMS_FILE = "items.parquet"
 EVENTS_FILE = "events.parquet"
 MANIFEST_FILE = "manifest.json"
-DATA_FILES = (ITEMS_FILE, EVENTS_FILE, MANIFEST_FILE)
 
 
 def file_sha256(path: Path) -> str:

@@ -2,7 +2,8 @@
 
 Stable sort by (user, time) -> dedupe (first (user, item) occurrence) -> min-seq-len and optional
 iterative k-core -> split (leave-one-out or temporal) -> contiguous item_idx 1..N (0 = padding).
-Each step is a pure frame-in/frame-out function; `prepare` chains them and counts what each drops.
+Each step is a pure frame-in/frame-out function; `build_processed` chains them and counts what
+each drops.
 
 Inside, user_id and item_id are categoricals whose categories are sorted, so sorting by code is
 sorting by id and item_idx follows item_id order.
@@ -230,7 +231,7 @@ def sequence_length_stats(events: pd.DataFrame) -> dict[str, float]:
     return dict(zip(("p50", "p90", "p99"), rounded, strict=True)) | {"max": int(lengths.max())}
 
 
-def prepare(raw: RawData, options: ProcessOptions) -> Processed:
+def build_processed(raw: RawData, options: ProcessOptions) -> Processed:
     """The whole pipeline; raises DataError when nothing is left after filtering."""
     dropped = dict(raw.dropped)
     events = sort_events(normalize_events(raw.events))

@@ -14,9 +14,9 @@ import pandas as pd
 import pyarrow as pa
 from numpy.typing import ArrayLike
 
+from recdata.cleaning import clean_string, clean_text, flatten_text, join_text, parse_price
 from recdata.schema import DataError, RawData, make_events
 from recdata.tables import iter_json_lines, read_delimited, read_table
-from recdata.text import clean_string, clean_text, flatten_text, join_text, parse_price
 
 SAMPLE_FILE = Path(__file__).resolve().parents[1] / "data" / "sample" / "online_retail.parquet"
 
@@ -44,6 +44,32 @@ def _items_frame(
         }
     )
     return frame.drop_duplicates("item_id", keep="first").reset_index(drop=True)
+
+
+def _raw_data(
+    events: pd.DataFrame,
+    inputs: tuple[Path | None, ...],
+    *,
+    rows_read: int,
+    bad_lines: int,
+    items: tuple[pd.DataFrame, int] | None = None,
+    dropped: dict[str, int] | None = None,
+) -> RawData:
+    """The RawData every reader returns.
+
+    items: (items frame, item rows skipped), or None when there is no item metadata (an empty
+    items frame). inputs: the input paths, None for an optional file not given. dropped: drop
+    reasons beyond "bad_lines_skipped", which always comes first.
+    """
+    item_frame, item_rows_skipped = (_items_frame([], []), 0) if items is None else items
+    return RawData(
+        events=events,
+        items=item_frame,
+        dropped={"bad_lines_skipped": bad_lines, **(dropped or {})},
+        inputs=tuple(p for p in inputs if p is not None),
+        rows_read=rows_read,
+        item_rows_skipped=item_rows_skipped,
+    )
 
 
 # --- Amazon Reviews (2018 and 2023 layouts) ------------------------------------------------
@@ -129,16 +155,12 @@ def read_amazon(
         "rating",
         np.array(ratings, np.float32),
     )
-    item_frame, item_bad = (
-        _read_amazon_meta(meta, skip_bad_lines) if meta else (_items_frame([], []), 0)
-    )
-    return RawData(
-        events=events,
-        items=item_frame,
-        dropped={"bad_lines_skipped": bad},
-        inputs=tuple(p for p in (reviews, meta) if p is not None),
+    return _raw_data(
+        events,
+        (reviews, meta),
         rows_read=rows,
-        item_rows_skipped=item_bad,
+        bad_lines=bad,
+        items=_read_amazon_meta(meta, skip_bad_lines) if meta else None,
     )
 
 
@@ -223,16 +245,12 @@ def read_movielens(
         skip_bad_lines,
     )
     events = make_events(users[keep], items[keep], times[keep], "rating", values[keep])
-    item_frame, item_bad = (
-        _read_movies(movies, skip_bad_lines) if movies else (_items_frame([], []), 0)
-    )
-    return RawData(
-        events=events,
-        items=item_frame,
-        dropped={"bad_lines_skipped": table.bad_lines},
-        inputs=tuple(p for p in (ratings, movies) if p is not None),
+    return _raw_data(
+        events,
+        (ratings, movies),
         rows_read=table.rows_read,
-        item_rows_skipped=item_bad,
+        bad_lines=table.bad_lines,
+        items=_read_movies(movies, skip_bad_lines) if movies else None,
     )
 
 
@@ -309,17 +327,17 @@ def read_online_retail(path: Path, *, skip_bad_lines: bool = False) -> RawData:
     customers, user_codes = np.unique(customer[use].astype(np.int64), return_inverse=True)
     users = pd.Categorical.from_codes(user_codes.astype(np.int32), customers.astype(str))
     events = make_events(users, stock[use], times[use], "purchase", quantity[use])
-    return RawData(
-        events=events,
-        items=_retail_items(stock[use], table.text("Description")[use], price[use]),
+    return _raw_data(
+        events,
+        (path,),
+        rows_read=table.rows_read,
+        bad_lines=table.bad_lines,
+        items=(_retail_items(stock[use], table.text("Description")[use], price[use]), 0),
         dropped={
-            "bad_lines_skipped": table.bad_lines,
             "missing_customer": int(no_customer.sum()),
             "cancellation": int(cancelled.sum()),
             "non_positive_quantity": int(non_positive.sum()),
         },
-        inputs=(path,),
-        rows_read=table.rows_read,
     )
 
 
@@ -399,16 +417,12 @@ def read_events(
     if not isinstance(event_type, str):
         event_type = event_type[keep]
     events = make_events(users[keep], item_ids[keep], times[keep], event_type, values[keep])
-    item_frame, item_bad = (
-        _read_item_table(items, c, skip_bad_lines) if items else (_items_frame([], []), 0)
-    )
-    return RawData(
-        events=events,
-        items=item_frame,
-        dropped={"bad_lines_skipped": table.bad_lines},
-        inputs=tuple(p for p in (path, items) if p is not None),
+    return _raw_data(
+        events,
+        (path, items),
         rows_read=table.rows_read,
-        item_rows_skipped=item_bad,
+        bad_lines=table.bad_lines,
+        items=_read_item_table(items, c, skip_bad_lines) if items else None,
     )
 
 

@@ -1,7 +1,7 @@
 """The shapes data takes on its way through recdata: what a reader returns, what is written.
 
-Readers return `RawData` (events in file order, item metadata); `recdata.process.prepare` turns
-it into the `items.parquet` / `events.parquet` tables whose Arrow schemas are defined here.
+Readers return `RawData` (events in file order, item metadata); `recdata.process.build_processed`
+turns it into the `items.parquet` / `events.parquet` tables whose Arrow schemas are defined here.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 
-# Columns of RawData.events (file order) and RawData.items (one row per item_id).
+# Columns of RawData.events (file order).
 RAW_EVENT_COLUMNS = ("user_id", "item_id", "timestamp", "event_type", "value")
-RAW_ITEM_COLUMNS = ("item_id", "text", "category", "brand", "price")
 
 ITEMS_SCHEMA = pa.schema(
     [
@@ -49,7 +48,7 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class RawData:
-    """What a reader hands to `recdata.process.prepare`.
+    """What a reader hands to `recdata.process.build_processed`.
 
     events: user_id, item_id (strings or categoricals of strings), timestamp (int64 seconds),
         event_type (string), value (float32); rows in input file order.

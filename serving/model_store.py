@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from serving import contract as c
+
 log = logging.getLogger(__name__)
 
 INDEXES = ("scann", "bruteforce")
-UNFILLED = -1e29  # retrieval pads rows it cannot fill with -1e30 (tiny catalogs)
 POPULAR_MAX = 100
 
 
@@ -92,26 +93,24 @@ class ServingModel:
         """Read and check everything a version needs, then warm every signature up once."""
         started = time.time()
         try:
-            metadata = json.loads((path / "metadata.json").read_text())
+            metadata = json.loads((path / c.METADATA).read_text())
             if not isinstance(metadata, dict) or not isinstance(metadata.get("k"), int):
                 raise VersionLoadError("metadata.json has no integer 'k'")
-            items = pd.read_parquet(path / "items.parquet",
-                                    columns=["item_id", "text", "count"])
-            vectors = pd.read_parquet(path / "item_embeddings.parquet")
-            users = pd.read_parquet(path / "user_histories.parquet")
-            retrieval_dir = "retrieval" if index == "scann" else "retrieval_bruteforce"
+            items = pd.read_parquet(path / c.ITEMS, columns=["item_id", "text", "count"])
+            vectors = pd.read_parquet(path / c.ITEM_EMBEDDINGS)
+            users = pd.read_parquet(path / c.USER_HISTORIES)
+            retrieval_dir = c.RETRIEVAL_SCANN if index == "scann" else c.RETRIEVAL_BRUTEFORCE
             saved_models = (tf.saved_model.load(str(path / retrieval_dir)),
-                            tf.saved_model.load(str(path / "ranking")))
+                            tf.saved_model.load(str(path / c.RANKING)))
             retrieval, ranking = (dict(loaded.signatures) for loaded in saved_models)
         except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as error:
             raise VersionLoadError(f"{type(error).__name__}: {error}") from error
-        for name in ("serving_default", "with_event_types", "include_seen",
-                     "include_seen_with_event_types"):
+        for name in c.RETRIEVAL_SIGNATURES:
             if name not in retrieval:
                 raise VersionLoadError(f"{retrieval_dir}/ has no signature {name!r}")
-        for name in ("serving_default", "with_event_types"):
+        for name in c.RANKING_SIGNATURES:
             if name not in ranking:
-                raise VersionLoadError(f"ranking/ has no signature {name!r}")
+                raise VersionLoadError(f"{c.RANKING}/ has no signature {name!r}")
         if len(items) == 0 or len(vectors) != len(items):
             raise VersionLoadError(f"items.parquet has {len(items)} rows but "
                                    f"item_embeddings.parquet has {len(vectors)}")
@@ -169,27 +168,26 @@ class ServingModel:
                  exclude_seen: bool) -> tuple[list[tuple[str, float]], bool]:
         """Top metadata-k (item_id, score) for a history, best first, and whether event types
         were used."""
-        if event_types is not None:
-            name = "with_event_types" if exclude_seen else "include_seen_with_event_types"
-            out, used = self._call(self.retrieval[name], history=history,
-                                   event_types=event_types), True
+        used = event_types is not None
+        signature = self.retrieval[c.retrieval_signature(exclude_seen, used)]
+        if used:
+            out = self._call(signature, history=history, event_types=event_types)
         else:
-            name = "serving_default" if exclude_seen else "include_seen"
-            out, used = self._call(self.retrieval[name], history=history), False
-        pairs = zip(out["item_ids"], out["scores"], strict=True)
-        found = [(item.decode(), float(score)) for item, score in pairs if score > UNFILLED]
+            out = self._call(signature, history=history)
+        pairs = zip(out[c.ITEM_IDS], out[c.SCORES], strict=True)
+        found = [(item.decode(), float(score)) for item, score in pairs if c.is_filled(score)]
         return found, used
 
     def rank(self, history: list[str], event_types: list[str] | None,
              candidates: list[str]) -> tuple[list[tuple[str, float]], list[str]]:
         """(known candidates with ranking-head scores best first, unknown candidates)."""
+        signature = self.ranking[c.ranking_signature(event_types is not None)]
         if event_types is not None:
-            out = self._call(self.ranking["with_event_types"], history=history,
-                             event_types=event_types, candidates=candidates)
-        else:
-            out = self._call(self.ranking["serving_default"], history=history,
+            out = self._call(signature, history=history, event_types=event_types,
                              candidates=candidates)
-        rows = list(zip(candidates, out["scores"].tolist(), out["known"].tolist(), strict=True))
+        else:
+            out = self._call(signature, history=history, candidates=candidates)
+        rows = list(zip(candidates, out[c.SCORES].tolist(), out[c.KNOWN].tolist(), strict=True))
         scored = [(item, score) for item, score, known in rows if known]
         unknown = [item for item, _, known in rows if not known]
         return sorted(scored, key=lambda pair: -pair[1]), unknown

@@ -10,8 +10,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from serving.contract import HISTORY_MAX
+
 K_MAX = 100
-HISTORY_MAX = 1000
 CANDIDATES_MAX = 1000
 ID_MAX_CHARS = 256
 

@@ -74,6 +74,7 @@ def train_tiny(workdir: Path, user_tower: str = "sasrec", epochs: int = 2,
                text_model: str | None = "tiny", export: bool = True, **overrides):
     """Prepare a fixture data set, train a tiny model for a few epochs and (by default) export
     it. Returns (run_dir, export_dir, metrics)."""
+    from serving.export import export_run
     from training.config import TrainConfig
     from training.trainer import train
 
@@ -85,4 +86,6 @@ def train_tiny(workdir: Path, user_tower: str = "sasrec", epochs: int = 2,
                          export_k=20, **overrides)
     run_dir, export_dir = workdir / "run", workdir / "export"
     metrics = train(config, data, run_dir, export_dir=export_dir if export else None)
+    if export:
+        export_run(run_dir, export_dir)
     return run_dir, export_dir, metrics

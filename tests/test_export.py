@@ -6,11 +6,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 
 import serving.export as export
-from serving.modules import NEG_INF
+from serving.contract import UNFILLED_SCORE
+from towers.model import TwoTowerModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,8 +45,9 @@ def _load_in_subprocess(path: Path, histories: list, with_scann: bool) -> dict:
 @pytest.fixture(scope="module")
 def restored(tiny_export):
     run_dir, export_dir, _ = tiny_export
-    config, spec, _, model, items, _, seqs = export.restore_model(run_dir)
-    return config, model, items, export_dir / "1"
+    model, spec = TwoTowerModel.from_run(run_dir)
+    items = pd.read_parquet(run_dir / "items.parquet")
+    return spec, model, items, export_dir / "1"
 
 
 def _histories(items):
@@ -53,7 +56,7 @@ def _histories(items):
             [ids[10], ids[11], ids[12], ids[13], ids[14]]]
 
 
-def _exact_top_k(model, items, config, histories, k, version):
+def _exact_top_k(model, items, spec, histories, k, version):
     """Reference answer from the in-memory model: exact scores, history excluded, every event
     of the default type (what a request without event types means)."""
     metadata = json.loads((version / "metadata.json").read_text())
@@ -62,9 +65,9 @@ def _exact_top_k(model, items, config, histories, k, version):
     vectors = tf.cast(model.all_item_vectors(), tf.float32).numpy()
     out = []
     for row in histories:
-        idx = [index[x] for x in row if x in index][-config.max_seq_len:]
-        padded = np.zeros((1, config.max_seq_len), np.int32)
-        padded[0, config.max_seq_len - len(idx):] = idx
+        idx = [index[x] for x in row if x in index][-spec.max_seq_len:]
+        padded = np.zeros((1, spec.max_seq_len), np.int32)
+        padded[0, spec.max_seq_len - len(idx):] = idx
         events = np.where(padded > 0, event, 0).astype(np.int32)
         user = model.user_vector(tf.constant(padded), tf.constant(vectors),
                                  tf.constant(events)).numpy()[0]
@@ -77,13 +80,13 @@ def _exact_top_k(model, items, config, histories, k, version):
 
 
 def test_bruteforce_equals_in_memory_model_without_scann(restored):
-    config, model, items, version = restored
+    spec, model, items, version = restored
     histories = _histories(items)
     loaded = _load_in_subprocess(version / "retrieval_bruteforce", histories, with_scann=False)
     assert not loaded["scann_imported"]
     assert {"serving_default", "with_event_types", "include_seen"} <= set(loaded["signatures"])
     for (ids, scores), got_ids, got_scores, hist in zip(
-            _exact_top_k(model, items, config, histories, 10, version), loaded["item_ids"],
+            _exact_top_k(model, items, spec, histories, 10, version), loaded["item_ids"],
             loaded["scores"], histories):
         assert got_ids[:10] == ids
         assert np.allclose(got_scores[:10], scores, atol=1e-4)
@@ -91,10 +94,10 @@ def test_bruteforce_equals_in_memory_model_without_scann(restored):
 
 
 def test_scann_model_recall_against_exact(restored):
-    config, model, items, version = restored
+    spec, model, items, version = restored
     histories = _histories(items)
     loaded = _load_in_subprocess(version / "retrieval", histories, with_scann=True)
-    exact = _exact_top_k(model, items, config, histories, 10, version)
+    exact = _exact_top_k(model, items, spec, histories, 10, version)
     recall = np.mean([len(set(got[:10]) & set(ids)) / 10
                       for got, (ids, _) in zip(loaded["item_ids"], exact)])
     assert recall >= 0.95
@@ -132,8 +135,8 @@ def test_signatures_and_dtypes(restored):
     everything = tf.constant([ids])
     excluded = retrieval.signatures["serving_default"](history=everything)["scores"].numpy()
     included = retrieval.signatures["include_seen"](history=everything)
-    assert (excluded <= NEG_INF).all()
-    assert (included["scores"].numpy() > NEG_INF).all()
+    assert (excluded <= UNFILLED_SCORE).all()
+    assert (included["scores"].numpy() > UNFILLED_SCORE).all()
     assert set(included["item_ids"].numpy().astype(str)[0]) <= set(ids)
 
 
@@ -215,8 +218,6 @@ def test_only_the_scann_model_needs_custom_ops(restored):
 def test_served_model_reproduces_offline_test_metric(tiny_export):
     """Train/serve parity: HR@10 recomputed through the exported model (raw string ids, the
     user's real event types) equals the HR@10 that training reported for the test split."""
-    import pandas as pd
-
     _, export_dir, metrics = tiny_export
     version = export_dir / "1"
     users = pd.read_parquet(version / "user_histories.parquet")

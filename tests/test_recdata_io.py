@@ -9,14 +9,16 @@ import pytest
 
 from recdata import io as rio
 from recdata.io import load_processed, make_manifest, write_processed
-from recdata.process import ProcessOptions, prepare
+from recdata.process import ProcessOptions, build_processed
 from recdata.schema import DataError
 from recdata.synthetic import generate
 
 
 @pytest.fixture(scope="module")
 def processed():
-    return prepare(generate(num_users=50, num_items=40, num_events=800, seed=2), ProcessOptions())
+    return build_processed(
+        generate(num_users=50, num_items=40, num_events=800, seed=2), ProcessOptions()
+    )
 
 
 @pytest.fixture

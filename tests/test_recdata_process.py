@@ -6,10 +6,10 @@ import pytest
 
 from recdata.process import (
     ProcessOptions,
+    build_processed,
     dedupe,
     filter_sequences,
     normalize_events,
-    prepare,
     sort_events,
 )
 from recdata.schema import DataError, RawData, empty_items, make_events
@@ -95,8 +95,8 @@ def test_dedupe_keeps_first_occurrence_in_time_then_file_order():
 
 def test_keep_repeats_keeps_them():
     rows = [("u", "A", 1, 1), ("u", "B", 2, 1), ("u", "A", 3, 1), ("u", "C", 4, 1)]
-    kept = prepare(raw_from_rows(rows), ProcessOptions(dedupe=False))
-    deduped = prepare(raw_from_rows(rows), ProcessOptions())
+    kept = build_processed(raw_from_rows(rows), ProcessOptions(dedupe=False))
+    deduped = build_processed(raw_from_rows(rows), ProcessOptions())
     assert kept.counts["num_events"] == 4 and "duplicate" not in kept.counts["dropped"]
     assert deduped.counts["num_events"] == 3 and deduped.counts["dropped"]["duplicate"] == 1
     assert kept.events["split"].tolist() == ["train", "train", "valid", "test"]
@@ -110,7 +110,7 @@ def test_min_seq_len_drops_short_users_only():
         ("b", "y", 2, 1),
         ("b", "z", 3, 1),
     ]
-    result = prepare(raw_from_rows(rows), ProcessOptions(min_seq_len=3))
+    result = build_processed(raw_from_rows(rows), ProcessOptions(min_seq_len=3))
     assert set(result.events["user_id"].astype(str)) == {"b"}
     assert result.counts["dropped"]["min_seq_len"] == 2
     check_invariants(result, ProcessOptions(min_seq_len=3))
@@ -142,7 +142,7 @@ def test_kcore_iterates_until_stable():
 def test_leave_one_out_invariants_on_synthetic_data():
     raw = generate(num_users=300, num_items=200, num_events=6000, seed=3)
     options = ProcessOptions()
-    result = prepare(raw, options)
+    result = build_processed(raw, options)
     check_invariants(result, options)
     assert result.counts["events_per_split"]["test"] == result.counts["num_users"]
     assert result.counts["events_per_split"]["valid"] == result.counts["num_users"]
@@ -160,7 +160,7 @@ def test_temporal_split_drops_users_without_train_history():
         ("c", "z", 6, 1),  # train only
     ]
     options = ProcessOptions(min_seq_len=1, split="temporal", cutoff=40, valid_cutoff=30)
-    result = prepare(raw_from_rows(rows), options)
+    result = build_processed(raw_from_rows(rows), options)
     ev = result.events
     assert set(ev["user_id"].astype(str)) == {"a", "c"}
     assert result.counts["dropped"]["no_train_history"] == 2
@@ -175,7 +175,7 @@ def test_temporal_split_on_synthetic_data():
     ts = raw.events["timestamp"]
     cutoff, valid_cutoff = int(ts.quantile(0.8)), int(ts.quantile(0.6))
     options = ProcessOptions(split="temporal", cutoff=cutoff, valid_cutoff=valid_cutoff)
-    result = prepare(raw, options)
+    result = build_processed(raw, options)
     check_invariants(result, options)
     ev = result.events
     assert (ev.loc[ev["split"] == "test", "timestamp"] >= cutoff).all()
@@ -194,7 +194,7 @@ def test_item_metadata_is_attached_and_missing_metadata_counted():
         }
     )
     rows = [("a", "y", 1, 1), ("a", "x", 2, 1), ("a", "z", 3, 1), ("a", "x2", 4, 1)]
-    result = prepare(raw_from_rows(rows, items), ProcessOptions())
+    result = build_processed(raw_from_rows(rows, items), ProcessOptions())
     it = result.items
     assert it["item_id"].tolist() == ["x", "x2", "y", "z"]
     assert it["text"].tolist() == ["X text", "", "Y text", ""]
@@ -208,7 +208,7 @@ def test_item_metadata_is_attached_and_missing_metadata_counted():
 def test_nothing_left_raises_a_data_error():
     rows = [("a", "x", 1, 1), ("b", "y", 2, 1)]
     with pytest.raises(DataError, match="no events left after filtering.*min_seq_len 2"):
-        prepare(raw_from_rows(rows), ProcessOptions())
+        build_processed(raw_from_rows(rows), ProcessOptions())
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from recdata import readers
-from recdata.process import ProcessOptions, prepare
-from recdata.text import clean_text, parse_price
+from recdata.cleaning import clean_text, parse_price
+from recdata.process import ProcessOptions, build_processed
 
 FIXTURES = Path(__file__).parent / "fixtures" / "recdata"
 
@@ -40,7 +40,7 @@ def test_amazon_2018_reviews_and_meta(tmp_path):
     meta = gzipped(FIXTURES / "amazon2018_meta.json", tmp_path / "meta_Mugs.json.gz")
     raw = readers.read_amazon(reviews, meta)
     assert raw.rows_read == 10  # the blank line is not a row
-    result = prepare(raw, ProcessOptions())
+    result = build_processed(raw, ProcessOptions())
     # A1 reviewed B001 twice (t=100, t=300): the first is kept; B003 ties B001's repeat at t=300.
     # A3 has 2 reviews: below min-seq-len 3.
     assert sequences(result) == {
@@ -71,7 +71,7 @@ def test_amazon_2023_jsonl_layout():
     raw = readers.read_amazon(
         FIXTURES / "amazon2023_reviews.jsonl", FIXTURES / "amazon2023_meta.jsonl"
     )
-    result = prepare(raw, ProcessOptions())
+    result = build_processed(raw, ProcessOptions())
     assert sequences(result) == {
         "U1": [("P1", "train"), ("P2", "valid"), ("P3", "test")],
         "U2": [("P1", "train"), ("P2", "valid"), ("P3", "test")],
@@ -88,7 +88,7 @@ def test_amazon_2023_jsonl_layout():
 def test_movielens_dat_latin1_gzipped_ratings(tmp_path):
     ratings = gzipped(FIXTURES / "ml_ratings.dat", tmp_path / "ratings.dat.gz")
     raw = readers.read_movielens(ratings, FIXTURES / "ml_movies.dat")
-    result = prepare(raw, ProcessOptions(min_seq_len=5))
+    result = build_processed(raw, ProcessOptions(min_seq_len=5))
     seqs = sequences(result)
     assert set(seqs) == {"1", "2"}  # user 3 has 2 ratings
     # Movies 10 and 40 share a timestamp: file order (10 first) is kept.
@@ -103,7 +103,7 @@ def test_movielens_dat_latin1_gzipped_ratings(tmp_path):
 
 def test_movielens_csv_layout():
     raw = readers.read_movielens(FIXTURES / "ml_ratings.csv", FIXTURES / "ml_movies.csv")
-    result = prepare(raw, ProcessOptions())
+    result = build_processed(raw, ProcessOptions())
     assert sequences(result)["2"] == [("10", "train"), ("20", "valid"), ("40", "test")]
     assert result.events["value"].tolist()[:3] == [4.5, 3.0, 0.5]
     assert item(result, "10")["text"] == "Movie, With Comma (2010) | Action, Adventure"
@@ -134,7 +134,7 @@ def retail_copies(tmp_path: Path) -> dict[str, Path]:
 
 def test_online_retail_all_formats_agree(tmp_path):
     results = {
-        fmt: prepare(readers.read_online_retail(path), ProcessOptions())
+        fmt: build_processed(readers.read_online_retail(path), ProcessOptions())
         for fmt, path in retail_copies(tmp_path).items()
     }
     first = results["csv"]
@@ -178,7 +178,7 @@ def test_events_csv_with_iso_times_and_item_table():
         price="cost",
     )
     raw = readers.read_events(FIXTURES / "events.csv", FIXTURES / "items.csv", columns=columns)
-    result = prepare(raw, ProcessOptions())
+    result = build_processed(raw, ProcessOptions())
     assert sequences(result) == {
         "alice": [("apple", "train"), ("banana", "train"), ("cherry", "valid"), ("date", "test")],
         "bob": [("apple", "train"), ("cherry", "valid"), ("banana", "test")],
@@ -210,7 +210,7 @@ def test_events_parquet_with_epoch_milliseconds_and_defaults(tmp_path):
             ],
         }
     ).to_parquet(path)
-    result = prepare(readers.read_events(path), ProcessOptions())
+    result = build_processed(readers.read_events(path), ProcessOptions())
     assert sequences(result)["8"] == [("a", "train"), ("c", "valid"), ("b", "test")]
     assert result.events["timestamp"].tolist()[:3] == [1_700_000_000, 1_700_000_001, 1_700_000_002]
     assert set(result.events["event_type"]) == {"interaction"}

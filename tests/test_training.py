@@ -2,6 +2,8 @@
 both towers, sampled softmax, fine-tuning, MirroredStrategy + mixed precision on CPU."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,18 +14,24 @@ import pytest
 import tensorflow as tf
 from support import train_tiny, write_processed, write_tiny_distilbert
 
-from training.cli import _train_parser
+from training.cli import train_parser
 from training.config import TrainConfig, config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_train(args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd,
+    # As from a fresh shell: without the log settings this test process's tfenv exported.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "TRANSFORMERS_VERBOSITY")}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
-def test_train_cli_sasrec_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """train.py run once from the command line on tiny data: (workdir, run_dir, result)."""
+    tmp_path = tmp_path_factory.mktemp("cli")
     data = write_processed(tmp_path / "data", event_types=("view", "cart", "purchase"))
     bert = write_tiny_distilbert(tmp_path / "bert")
     result = _run_train(["--data", str(data), "--out", str(tmp_path / "models" / "tiny"),
@@ -31,9 +39,14 @@ def test_train_cli_sasrec_end_to_end(tmp_path):
                          "--max-seq-len", "8", "--patience", "10",
                          "--cache-dir", str(tmp_path / "cache"), "--export-k", "10"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = next((tmp_path / "runs").glob("tiny-*"))
+    return tmp_path, next((tmp_path / "runs").glob("tiny-*")), result
+
+
+def test_train_cli_sasrec_end_to_end(cli_run):
+    tmp_path, run_dir, result = cli_run
     for name in ("config.yaml", "metadata.json", "history.csv", "metrics.json",
-                 "training_curves.png", "model_spec.json"):
+                 "training_curves.png", "model_spec.json", "items.parquet",
+                 "user_histories.parquet", "data_manifest.json"):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "checkpoints").glob("best*"))
     assert list((run_dir / "tensorboard").rglob("events.out.*"))
@@ -48,7 +61,37 @@ def test_train_cli_sasrec_end_to_end(tmp_path):
     assert metadata["versions"]["tensorflow"].startswith("2.20")
     assert metadata["peak_rss_mb"] > 0
     assert (tmp_path / "models" / "tiny" / "1" / "retrieval_bruteforce").is_dir()
-    assert "text encoder:" in result.stdout and "test (full catalog" in result.stdout
+    assert "test (full catalog" in result.stdout and "run directory:" in result.stdout
+
+
+def test_console_shows_one_line_per_epoch_and_no_library_noise(cli_run):
+    _, _, result = cli_run
+    console = result.stdout + result.stderr
+    epoch_lines = [line for line in console.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epoch_lines] == [f"epoch {i}" for i in range(1, 5)]
+    assert all("valid NDCG@10" in line and "loss" in line for line in epoch_lines)
+    for noise in ("Epoch 1/4", "Sharding callback", "cuInit", "INFO absl", "INFO tensorflow",
+                  "Some weights of", "TensorFlow and JAX classes are deprecated"):
+        assert noise not in console, noise
+    assert "text encoder: " in result.stderr
+
+
+def test_export_needs_only_the_run_directory(cli_run):
+    """The prepared data directory (and the text encoder) can be gone: export reads the run."""
+    tmp_path, run_dir, _ = cli_run
+    shutil.rmtree(tmp_path / "data")
+    shutil.rmtree(tmp_path / "bert")
+    shutil.rmtree(tmp_path / "cache")
+    out = tmp_path / "reexport"
+    result = _run_train(["export", "--run", str(run_dir), "--out", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, again = tmp_path / "models" / "tiny" / "1", out / "1"
+    for name in ("items.parquet", "user_histories.parquet", "item_embeddings.parquet"):
+        assert pd.read_parquet(first / name).equals(pd.read_parquet(again / name)), name
+    missing = _run_train(["export", "--run", str(tmp_path / "no-such-run"), "--out", str(out)],
+                         tmp_path)
+    assert missing.returncode == 2 and "no-such-run" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 def test_gru_tower_learns_the_rule(tmp_path):
@@ -90,7 +133,7 @@ def test_finetune_mirrored_mixed_precision_on_cpu(tmp_path):
 def test_config_file_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("dim: 32\nuser_tower: gru\nepochs: 7\n")
-    args = _train_parser().parse_args(["--data", "d", "--out", "o", "--config", str(path),
+    args = train_parser().parse_args(["--data", "d", "--out", "o", "--config", str(path),
                                        "--epochs", "3", "--logq-correction", "false"])
     config = config_from_args(args)
     assert (config.dim, config.user_tower, config.epochs) == (32, "gru", 3)
@@ -104,7 +147,7 @@ def test_config_file_then_flags(tmp_path):
 def test_bad_config_file(tmp_path, yaml_text, message):
     path = tmp_path / "c.yaml"
     path.write_text(yaml_text)
-    args = _train_parser().parse_args(["--data", "d", "--out", "o", "--config", str(path)])
+    args = train_parser().parse_args(["--data", "d", "--out", "o", "--config", str(path)])
     with pytest.raises(ValueError, match=message):
         config_from_args(args)
 

@@ -1,7 +1,7 @@
 """Item tower: item vector = id embedding + projected text embedding + metadata embeddings.
 
-Item features (text vectors or token ids, category, brand, price bucket, which ids were seen in
-training) live in non-trainable tables indexed by item_idx, filled once by `set_item_features`.
+Item features (text vectors or token ids, category, brand, price bucket, which items were seen
+in training) live in non-trainable tables indexed by item_idx, filled once by `set_item_features`.
 Items never seen in training (cold items) get no id embedding, only text and metadata: that is
 what the text tower is for.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from towers.text import pool_hidden_states
+from towers.text_encoder import pool_hidden_states
 
 
 class ItemTower(tf.keras.layers.Layer):
@@ -48,7 +48,9 @@ class ItemTower(tf.keras.layers.Layer):
             return tf.keras.initializers.TruncatedNormal(stddev=0.02)
 
         self.id_embedding = self.add_weight("id_embedding", [rows, self.dim], initializer=init())
-        self.warm = self.add_weight("warm", [rows], initializer="zeros", trainable=False)
+        # 1 for items seen in training, 0 for cold items: only the former have an id embedding.
+        self.seen_in_training = self.add_weight("seen_in_training", [rows], initializer="zeros",
+                                                trainable=False)
         if self.text_dim and not self.text_tokens:
             self.text_table = self.add_weight("text_table", [rows, self.text_dim],
                                               initializer="zeros", trainable=False)
@@ -73,13 +75,13 @@ class ItemTower(tf.keras.layers.Layer):
                     self.add_weight(f"{name}_embedding", [size + 1, self.dim], initializer=init()))
         super().build(input_shape)
 
-    def set_item_features(self, warm: np.ndarray, text: np.ndarray | None = None,
+    def set_item_features(self, seen_in_training: np.ndarray, text: np.ndarray | None = None,
                           tokens: np.ndarray | None = None,
                           meta: dict[str, np.ndarray] | None = None) -> None:
         """Fill the feature tables; every array has num_items + 1 rows (row 0 = padding)."""
         if not self.built:
             self.build(None)
-        self.warm.assign(warm.astype(np.float32))
+        self.seen_in_training.assign(seen_in_training.astype(np.float32))
         if self.text_dim and not self.text_tokens:
             self.text_table.assign(unit_rows(text))
         if self.text_tokens:
@@ -87,7 +89,9 @@ class ItemTower(tf.keras.layers.Layer):
         for name, (table, _) in self.meta_tables.items():
             table.assign(meta[name].astype(np.int32))
 
-    def _text_vectors(self, flat_ids: tf.Tensor) -> tf.Tensor:
+    def text_vectors(self, flat_ids: tf.Tensor) -> tf.Tensor:
+        """Unit-length text vectors of item ids [n] -> [n, text_dim]: the frozen table, or the
+        fine-tuned encoder run on each distinct item once."""
         if self.text_tokens and self.text_encoder is not None:
             # Encode each distinct item once per call, then scatter back.
             unique, position = tf.unique(flat_ids)
@@ -102,9 +106,10 @@ class ItemTower(tf.keras.layers.Layer):
     def call(self, item_idx: tf.Tensor) -> tf.Tensor:
         shape = tf.shape(item_idx)
         ids = tf.reshape(tf.cast(item_idx, tf.int32), [-1])  # [n]
-        vectors = tf.gather(self.id_embedding, ids) * tf.gather(self.warm, ids)[:, None]
+        seen = tf.gather(self.seen_in_training, ids)[:, None]  # [n, 1]
+        vectors = tf.gather(self.id_embedding, ids) * seen  # [n, dim]
         if self.text_dim:
-            text = tf.cast(self._text_vectors(ids), self.compute_dtype)
+            text = tf.cast(self.text_vectors(ids), self.compute_dtype)
             vectors += tf.cast(self.text_projection(text), vectors.dtype)
         for table, embedding in self.meta_tables.values():
             vectors += tf.gather(embedding, tf.gather(table, ids))

@@ -5,10 +5,15 @@ total loss = retrieval_weight * retrieval + ranking_weight * ranking
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from towers import run_dir as run_files
 from towers.item_tower import ItemTower
+from towers.spec import ModelSpec
 from towers.tasks import NextItemRetrieval
 from towers.user_tower import UserTower
 
@@ -49,15 +54,17 @@ class TwoTowerModel(tfrs.models.Model):
     def __init__(self, item_tower: ItemTower, user_tower: UserTower,
                  retrieval: NextItemRetrieval, ranking_mode: str = "none",
                  retrieval_weight: float = 1.0, ranking_weight: float = 0.0,
-                 purchase_pos_weight: float = 1.0):
+                 purchase_pos_weight: float = 1.0, positions_per_batch: float = 0.0):
         super().__init__()
         if ranking_mode not in RANKING_MODES:
             raise ValueError(f"ranking mode must be one of {RANKING_MODES}, got {ranking_mode!r}")
         self.item_tower, self.user_tower, self.retrieval = item_tower, user_tower, retrieval
-        self.ranking_mode = ranking_mode if ranking_weight > 0 else "none"
+        self.ranking_mode = ranking_mode
         self.retrieval_weight, self.ranking_weight = retrieval_weight, ranking_weight
         self.purchase_pos_weight = purchase_pos_weight
-        self.positions_per_batch = 0.0  # set by the trainer when batches are length-bucketed
+        # Mean positions per batch when batches hold windows of similar length (0 = batches
+        # are not length-bucketed): see compute_loss.
+        self.positions_per_batch = positions_per_batch
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")  # epoch mean, not last batch
         self.ranking_head = RankingHead(item_tower.dim, 2 * item_tower.dim,
                                         name="ranking_head")
@@ -67,6 +74,52 @@ class TwoTowerModel(tfrs.models.Model):
                 if self.ranking_mode == "rating"
                 else tf.keras.losses.BinaryCrossentropy(from_logits=True, reduction="sum"))
         self.ranking = tfrs.tasks.Ranking(loss=loss)
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, positions_per_batch: float = 0.0,
+                  frozen_text: bool = False) -> TwoTowerModel:
+        """A new, untrained model of the spec's shape. `frozen_text` builds a text table in
+        place of a fine-tuned encoder (a tuned run's text vectors are filled in by from_run)."""
+        item_tower = ItemTower(spec.num_items, spec.dim, text_dim=spec.text_dim,
+                               num_categories=spec.meta_sizes.get("category", 0),
+                               num_brands=spec.meta_sizes.get("brand", 0),
+                               num_price_buckets=spec.meta_sizes.get("price_bucket", 0),
+                               text_tokens=0 if frozen_text else spec.text_tokens,
+                               name="item_tower")
+        user_tower = UserTower(spec.user_tower, spec.dim, spec.max_seq_len,
+                               num_blocks=spec.num_blocks, num_heads=spec.num_heads,
+                               dropout=spec.dropout, gru_layers=spec.gru_layers,
+                               num_event_types=spec.num_event_types, layout=spec.sasrec_layout,
+                               projection=spec.user_projection, name="user_tower")
+        retrieval = NextItemRetrieval(spec.num_items, spec.retrieval_mode, spec.num_negatives,
+                                      spec.logq_correction, name="retrieval")
+        return cls(item_tower, user_tower, retrieval, spec.ranking_mode, spec.retrieval_weight,
+                   spec.ranking_weight, spec.purchase_pos_weight, positions_per_batch)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> tuple[TwoTowerModel, ModelSpec]:
+        """The trained model of a finished run, from its spec and best checkpoint alone.
+
+        The item feature tables (seen-in-training flags, text vectors, metadata codes) and the
+        popularity the retrieval task samples with are weights in the checkpoint. A run that
+        fine-tuned its text encoder left the tuned item text vectors beside it instead, so the
+        rebuilt item tower needs no encoder.
+        """
+        run_dir = run_files.check_run_dir(run_dir)
+        spec = ModelSpec.load(run_dir / run_files.SPEC)
+        model = cls.from_spec(spec, frozen_text=True)
+        model.item_tower.build(None)
+        model.retrieval.build(None)
+        empty = tf.zeros([1, spec.max_seq_len], tf.int32)
+        model.user_vector(empty, event_types=empty if spec.num_event_types else None)
+        status = model.load_weights(str(run_dir / run_files.CHECKPOINT))
+        status.expect_partial()  # the optimizer's slots are not needed
+        if spec.text_tokens:
+            vectors = np.load(run_dir / run_files.TEXT_VECTORS)
+            model.item_tower.text_table.assign(vectors.astype(np.float32))
+        else:
+            status.assert_existing_objects_matched()
+        return model, spec
 
     # ---- inference pieces, reused by evaluation and export ----
     def all_item_vectors(self) -> tf.Tensor:

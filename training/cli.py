@@ -1,4 +1,5 @@
-"""Command line of train.py: `train.py --data DIR --out DIR [flags]` trains (then exports);
+"""Command line of train.py: flags (one per TrainConfig field, see training/config.py) and what
+the console shows. `train.py --data DIR --out DIR [flags]` trains (then exports);
 `train.py export --run RUN_DIR [--out DIR]` re-exports a finished run."""
 
 from __future__ import annotations
@@ -9,10 +10,18 @@ import sys
 import time
 from pathlib import Path
 
-from training.config import add_config_flags, config_from_args
+import tfenv
+from training.config import add_config_flags
+
+OWN_PACKAGES = ("training", "towers", "serving", "recdata", "sequential")
 
 
-def _train_parser() -> argparse.ArgumentParser:
+def _verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show TensorFlow's, absl's and transformers' log lines")
+
+
+def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py", description="Train the two-tower model on a prepared data set, "
         "evaluate it (full-catalog leave-one-out) and export it for serving.")
@@ -20,39 +29,47 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="export dir, e.g. saved_model/NAME")
     parser.add_argument("--config", help="YAML file of TrainConfig settings; flags override it")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go")
+    _verbose_flag(parser)
     add_config_flags(parser)
     return parser
 
 
-def _export_parser() -> argparse.ArgumentParser:
+def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train.py export",
-                                     description="Export a finished run as a new VERSION.")
+                                     description="Export a finished run as a new VERSION. "
+                                     "Needs only the run directory.")
     parser.add_argument("--run", required=True, help="run directory (runs/NAME-TIMESTAMP)")
     parser.add_argument("--out", help="export dir (default: the one the run was trained for)")
+    _verbose_flag(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if argv[:1] == ["export"]:
-            from serving.export import export_run
+def run_dir_for(runs_dir: str | Path, export_dir: str | Path) -> Path:
+    """runs/NAME-TIMESTAMP, NAME being the export directory's name."""
+    return Path(runs_dir) / f"{Path(export_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-            args = _export_parser().parse_args(argv[1:])
-            export_run(Path(args.run), Path(args.out) if args.out else None)
-            return 0
-        args = _train_parser().parse_args(argv)
-        config = config_from_args(args)
-        if not Path(args.data).is_dir():
-            raise ValueError(f"--data {args.data}: no such directory (run prepare_data.py)")
-        from training.trainer import train
 
-        name = Path(args.out).name
-        run_dir = Path(args.runs_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        train(config, args.data, run_dir, export_dir=Path(args.out))
-        print(f"run directory: {run_dir}")
-        return 0
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+class _ConsoleFormat(logging.Formatter):
+    """Our own INFO lines as plain text; anything else with its level and logger name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO and record.name.split(".")[0] in OWN_PACKAGES:
+            return record.getMessage()
+        return f"{record.levelname} {record.name}: {record.getMessage()}"
+
+
+def configure_logging(verbose: bool) -> None:
+    """One line per step of our own on stderr, library INFO lines only when verbose. Call
+    before TensorFlow loads."""
+    tfenv.library_noise(verbose)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ConsoleFormat())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in OWN_PACKAGES:
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def is_verbose(argv: list[str]) -> bool:
+    return "-v" in argv or "--verbose" in argv

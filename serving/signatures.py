@@ -1,4 +1,4 @@
-"""tf.Module wrappers that become the exported SavedModels.
+"""The exported SavedModels: tf.Module wrappers around the trained towers, with their signatures.
 
 All take raw string item ids. History rows may be left- or right-padded with "" and any length;
 unknown ids count as padding. The newest `max_len` known items are kept, left-padded, as in
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-NEG_INF = -1e30  # finite so JSON encoders (TF Serving REST) can print it
+from serving import contract as c
 
 
 class ItemLookup(tf.Module):
@@ -80,9 +80,9 @@ class _Base(tf.Module):
 
 
 def _exclude(scores: tf.Tensor, ids: tf.Tensor, history_idx: tf.Tensor) -> tf.Tensor:
-    """scores/ids [batch, c]: push padding and items in the history to NEG_INF."""
+    """scores/ids [batch, n]: push padding and items in the history to UNFILLED_SCORE."""
     seen = tf.reduce_any(ids[:, :, None] == history_idx[:, None, :], axis=2) | (ids == 0)
-    return tf.where(seen, tf.constant(NEG_INF, scores.dtype), scores)
+    return tf.where(seen, tf.constant(c.UNFILLED_SCORE, scores.dtype), scores)
 
 
 class BruteForceRetrieval(_Base):
@@ -104,9 +104,9 @@ class BruteForceRetrieval(_Base):
             seen = tf.scatter_nd(tf.stack([rows, cols], axis=1), tf.ones_like(cols),
                                  tf.shape(scores)) > 0
             mask = mask | seen
-        scores = tf.where(mask, tf.constant(NEG_INF, scores.dtype), scores)
+        scores = tf.where(mask, tf.constant(c.UNFILLED_SCORE, scores.dtype), scores)
         best, idx = tf.math.top_k(scores, k=tf.minimum(self.k, num - 1))
-        return {"item_ids": tf.gather(self.lookup.item_ids, idx), "scores": best}
+        return {c.ITEM_IDS: tf.gather(self.lookup.item_ids, idx), c.SCORES: best}
 
 
 class ScannRetrieval(_Base):
@@ -130,7 +130,7 @@ class ScannRetrieval(_Base):
                   else _exclude(scores, ids, tf.zeros_like(history_idx)))
         best, order = tf.math.top_k(scores, k=tf.minimum(self.k, tf.shape(scores)[1]))
         idx = tf.gather(ids, order, batch_dims=1)
-        return {"item_ids": tf.gather(self.lookup.item_ids, idx), "scores": best}
+        return {c.ITEM_IDS: tf.gather(self.lookup.item_ids, idx), c.SCORES: best}
 
 
 class Ranker(_Base):
@@ -146,22 +146,23 @@ class Ranker(_Base):
         items = tf.gather(self.item_vectors, idx)  # [batch, n, dim]
         tiled = tf.repeat(users[:, None, :], tf.shape(idx)[1], axis=1)
         scores = tf.cast(self.ranking_head(tiled, items), tf.float32)
-        return {"scores": scores, "known": idx > 0}
+        return {c.SCORES: scores, c.KNOWN: idx > 0}
 
 
 def add_signatures(module: tf.Module, kind: str) -> dict:
     """Attach tf.functions with explicit tf.string signatures; returns the signatures dict."""
-    history = tf.TensorSpec([None, None], tf.string, name="history")
-    events = tf.TensorSpec([None, None], tf.string, name="event_types")
-    if kind == "ranking":
-        candidates = tf.TensorSpec([None, None], tf.string, name="candidates")
+    history = tf.TensorSpec([None, None], tf.string, name=c.HISTORY)
+    events = tf.TensorSpec([None, None], tf.string, name=c.EVENT_TYPES)
+    if kind == c.RANKING:
+        candidates = tf.TensorSpec([None, None], tf.string, name=c.CANDIDATES)
         module.serve = tf.function(lambda history, candidates: module.score(
             history, None, candidates), input_signature=[history, candidates])
         module.serve_events = tf.function(
             lambda history, event_types, candidates: module.score(history, event_types,
                                                                   candidates),
             input_signature=[history, events, candidates])
-        return {"serving_default": module.serve, "with_event_types": module.serve_events}
+        return {c.ranking_signature(False): module.serve,
+                c.ranking_signature(True): module.serve_events}
     module.serve = tf.function(lambda history: module.top_k(history, None, True),
                                input_signature=[history])
     module.serve_events = tf.function(
@@ -172,6 +173,7 @@ def add_signatures(module: tf.Module, kind: str) -> dict:
     module.serve_all_events = tf.function(
         lambda history, event_types: module.top_k(history, event_types, False),
         input_signature=[history, events])
-    return {"serving_default": module.serve, "with_event_types": module.serve_events,
-            "include_seen": module.serve_all,
-            "include_seen_with_event_types": module.serve_all_events}
+    return {c.retrieval_signature(True, False): module.serve,
+            c.retrieval_signature(True, True): module.serve_events,
+            c.retrieval_signature(False, False): module.serve_all,
+            c.retrieval_signature(False, True): module.serve_all_events}

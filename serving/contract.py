@@ -1,0 +1,51 @@
+"""The serving contract: the files of an exported VERSION, the SavedModels' signature names,
+input and output keys, the score of an unfilled slot and the history cap. Export, the
+SavedModel signatures and the API all import these; none spells them out again."""
+
+from __future__ import annotations
+
+# ---- a VERSION directory ----
+RETRIEVAL_SCANN = "retrieval"  # user tower + ScaNN index (needs scann's ops)
+RETRIEVAL_BRUTEFORCE = "retrieval_bruteforce"  # exact, stock TF ops only
+RANKING = "ranking"
+SAVED_MODELS = (RETRIEVAL_BRUTEFORCE, RANKING, RETRIEVAL_SCANN)
+ITEM_EMBEDDINGS = "item_embeddings.parquet"  # item_id, embedding
+ITEMS = "items.parquet"  # item_id, item_idx, text, category, brand, price, count, train_count
+USER_HISTORIES = "user_histories.parquet"  # user_id, history, event_types
+METADATA = "metadata.json"
+
+# ---- signatures ----
+SERVING_DEFAULT = "serving_default"  # retrieval: seen items excluded; ranking: no event types
+WITH_EVENT_TYPES = "with_event_types"
+INCLUDE_SEEN = "include_seen"
+INCLUDE_SEEN_WITH_EVENT_TYPES = "include_seen_with_event_types"
+RETRIEVAL_SIGNATURES = (SERVING_DEFAULT, WITH_EVENT_TYPES, INCLUDE_SEEN,
+                        INCLUDE_SEEN_WITH_EVENT_TYPES)
+RANKING_SIGNATURES = (SERVING_DEFAULT, WITH_EVENT_TYPES)
+
+# inputs (tf.string [batch, n]) and outputs
+HISTORY, EVENT_TYPES, CANDIDATES = "history", "event_types", "candidates"
+ITEM_IDS, SCORES, KNOWN = "item_ids", "scores", "known"
+
+# A retrieval slot that could not be filled (more items excluded than the catalog holds)
+# scores this; finite so JSON encoders (TF Serving REST) can print it.
+UNFILLED_SCORE = -1e30
+
+# Most history entries a request may carry; the ScaNN model over-fetches k + this many
+# candidates so that k remain after excluding seen items.
+HISTORY_MAX = 1000
+
+
+def retrieval_signature(exclude_seen: bool, with_event_types: bool) -> str:
+    if exclude_seen:
+        return WITH_EVENT_TYPES if with_event_types else SERVING_DEFAULT
+    return INCLUDE_SEEN_WITH_EVENT_TYPES if with_event_types else INCLUDE_SEEN
+
+
+def ranking_signature(with_event_types: bool) -> str:
+    return WITH_EVENT_TYPES if with_event_types else SERVING_DEFAULT
+
+
+def is_filled(score: float) -> bool:
+    """False for the padding score of an unfilled retrieval slot (any float rounding kept)."""
+    return score > UNFILLED_SCORE / 10

@@ -1,0 +1,132 @@
+"""What a run trains on: prepared data -> sequences, training windows, item features and the
+model spec; and the tables it leaves in the run directory for export and serving."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recdata import load_processed
+from towers import run_dir as run_files
+from towers.spec import ModelSpec
+from training.config import TrainConfig
+from training.features import ItemFeatures, item_features
+from training.sequences import Sequences, build_sequences, training_arrays
+
+
+@dataclass
+class TrainingData:
+    items: pd.DataFrame  # items.parquet of the prepared data
+    manifest: dict
+    seqs: Sequences
+    features: ItemFeatures
+    windows: dict[str, np.ndarray]  # training_arrays: left-padded windows and their targets
+
+    @property
+    def train_counts(self) -> np.ndarray:
+        """Training interactions per item_idx [num_items + 1] (cold items held out: 0)."""
+        return self.seqs.train_counts()
+
+    @property
+    def popularity(self) -> np.ndarray:
+        """Each item's share of training interactions, the in-batch sampling distribution."""
+        counts = self.train_counts.astype(np.float64)
+        return counts / max(counts.sum(), 1.0)
+
+    @property
+    def positions(self) -> int:
+        """Next-item targets per epoch."""
+        return int((self.windows["targets"] > 0).sum())
+
+    def positions_per_batch(self, config: TrainConfig) -> float:
+        """Mean positions per batch, the loss weight of length-bucketed batches (0 = off)."""
+        if config.bucket_batches <= 1:
+            return 0.0
+        return self.positions / math.ceil(len(self.windows["targets"]) / config.batch_size)
+
+
+def load_training_data(config: TrainConfig, data_dir: str | Path) -> TrainingData:
+    """Load a prepared data directory and build everything training needs but the model."""
+    items, events, manifest = load_processed(data_dir)
+    seqs = build_sequences(events, len(items), config.cold_items, config.seed)
+    features = item_features(items, seqs.train_counts(), config)
+    windows = training_arrays(seqs, config.max_seq_len, config.train_windows)
+    if len(windows["history"]) == 0:
+        raise ValueError(f"{data_dir}: no user has two training events; nothing to train on")
+    return TrainingData(items, manifest, seqs, features, windows)
+
+
+def ranking_mode(config: TrainConfig, seqs: Sequences) -> str:
+    """The one place the ranking task is chosen: none without weight, else from the data."""
+    if config.ranking_weight <= 0 or config.ranking_target == "none":
+        return "none"
+    if config.ranking_target != "auto":
+        return config.ranking_target
+    return "rating" if seqs.event_vocab == ["rating"] else "purchase"
+
+
+def retrieval_mode(config: TrainConfig, num_items: int) -> str:
+    if config.negatives != "auto":
+        return config.negatives
+    if config.text_mode == "finetune" or num_items > config.full_softmax_max_items:
+        return "sampled"
+    return "full"
+
+
+def model_spec(config: TrainConfig, data: TrainingData) -> ModelSpec:
+    seqs, features = data.seqs, data.features
+    mode = ranking_mode(config, seqs)
+    pos_weight = 1.0
+    if mode == "purchase":
+        # One sampled negative per observed next item, plus observed non-purchases.
+        labels = data.windows["target_purchase"][data.windows["targets"] > 0]
+        positives = max(float(labels.sum()), 1.0)
+        pos_weight = max(1.0, (2 * len(labels) - positives) / positives)
+    # Requests without event types are taken to be the most common training event.
+    default_event = int(np.argmax(np.bincount(seqs.event_types))) if len(seqs.items) else 0
+    return ModelSpec(
+        num_items=seqs.num_items, num_event_types=seqs.num_event_types,
+        event_vocab=seqs.event_vocab, default_event=default_event,
+        text_dim=features.text_dim, text_tokens=features.text_tokens,
+        text_source=features.text_source, meta_sizes=features.meta_sizes,
+        ranking_mode=mode, retrieval_mode=retrieval_mode(config, seqs.num_items),
+        purchase_pos_weight=pos_weight, user_tower=config.user_tower, dim=config.dim,
+        max_seq_len=config.max_seq_len, num_blocks=config.num_blocks,
+        num_heads=config.num_heads, dropout=config.dropout, gru_layers=config.gru_layers,
+        sasrec_layout=config.sasrec_layout, user_projection=config.user_projection,
+        num_negatives=config.num_negatives, logq_correction=config.logq_correction,
+        retrieval_weight=config.retrieval_weight, ranking_weight=config.ranking_weight,
+        text_pooling=config.text_pooling, finetune_layers=config.finetune_layers)
+
+
+def user_histories(seqs: Sequences, items: pd.DataFrame) -> pd.DataFrame:
+    """Every user's known events in time order (train, then valid, then test) as raw ids."""
+    ids = np.concatenate([[""], items["item_id"].astype(str).to_numpy()])
+    kinds = np.array([""] + list(seqs.event_vocab), dtype=object)
+    rows = []
+    for u, user in enumerate(seqs.user_ids):
+        a, b = seqs.offsets[u], seqs.offsets[u + 1]
+        hist, ev = list(seqs.items[a:b]), list(seqs.event_types[a:b])
+        for item, kind in ((seqs.valid_item[u], seqs.valid_event[u]),
+                           (seqs.test_item[u], seqs.test_event[u])):
+            if item:
+                hist.append(item)
+                ev.append(kind)
+        rows.append((str(user), ids[hist].tolist(), kinds[ev].tolist()))
+    return pd.DataFrame(rows, columns=["user_id", "history", "event_types"])
+
+
+def write_run_tables(run_dir: Path, data: TrainingData) -> None:
+    """The data-derived files that make the run directory self-sufficient: the item table
+    (with the training counts the model saw), the users' histories and the data manifest."""
+    items = data.items.copy()
+    items["train_count"] = data.train_counts[1:].astype(np.int64)
+    items.to_parquet(run_dir / run_files.ITEMS, index=False)
+    user_histories(data.seqs, data.items).to_parquet(run_dir / run_files.USER_HISTORIES,
+                                                      index=False)
+    (run_dir / run_files.DATA_MANIFEST).write_text(json.dumps(data.manifest, indent=2))

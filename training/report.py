@@ -1,0 +1,71 @@
+"""What a finished run reports: metrics.json, training curves, metadata.json (where the data
+came from, versions, device, time, memory) and the summary lines the CLI prints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+from pathlib import Path
+
+import pandas as pd
+
+from towers import run_dir as run_files
+from towers.run_dir import package_versions
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plot_curves(history: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(history["epoch"] + 1, history["loss"], marker="o")
+    left.set(xlabel="epoch", ylabel="training loss", title="loss")
+    right.plot(history["epoch"] + 1, history["val_ndcg@10"], marker="o", label="NDCG@10")
+    right.plot(history["epoch"] + 1, history["val_hr@10"], marker="o", label="HR@10")
+    right.set(xlabel="epoch", title="validation (full catalog)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, results: dict, metadata: dict, manifest: dict) -> None:
+    """metrics.json, training_curves.png (from history.csv) and metadata.json."""
+    (run_dir / run_files.METRICS).write_text(json.dumps(results, indent=2))
+    plot_curves(pd.read_csv(run_dir / run_files.HISTORY), run_dir / run_files.CURVES)
+    manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
+    metadata = {"data": metadata.pop("data"),
+                "data_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+                "versions": package_versions(), **metadata,
+                "peak_rss_mb": round(peak_rss_mb(), 1)}
+    (run_dir / run_files.METADATA).write_text(json.dumps(metadata, indent=2))
+
+
+def summary_lines(results: dict) -> list[str]:
+    """The run's test results as a person reads them."""
+    test, pop = results["test"], results["popularity_test"]
+    lines = [f"test (full catalog, {test['users']:,} users): HR@10 {test['hr@10']:.4f}  "
+             f"NDCG@10 {test['ndcg@10']:.4f}  MRR {test['mrr']:.4f}  "
+             f"coverage@10 {test['coverage@10']:.3f}",
+             f"popularity baseline:             HR@10 {pop['hr@10']:.4f}  "
+             f"NDCG@10 {pop['ndcg@10']:.4f}  MRR {pop['mrr']:.4f}"]
+    if "sampled_hr@10" in test:
+        lines.append(f"sampled ({results['sampled_negatives']} negatives, not comparable to "
+                     f"full): HR@10 {test['sampled_hr@10']:.4f}  "
+                     f"NDCG@10 {test['sampled_ndcg@10']:.4f}")
+    if "cold_test" in results:
+        cold = results["cold_test"]
+        lines.append(f"cold items ({cold['users']} test users): HR@10 {cold['hr@10']:.4f}  "
+                     f"NDCG@10 {cold['ndcg@10']:.4f}")
+    if math.isfinite(results["positions_per_second"]):
+        lines.append(f"{results['epochs']} epochs, {results['seconds_per_epoch']:.1f}s/epoch, "
+                     f"{results['positions_per_second']:,.0f} positions/s")
+    return lines

@@ -1,0 +1,118 @@
+"""Full-catalog scoring of a model being trained: per-epoch validation with early stopping on
+valid NDCG@10 and the best checkpoint, and the one test evaluation at the end."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from towers.model import TwoTowerModel
+from training.config import TrainConfig
+from training.evaluate import evaluate
+from training.sequences import EvalSet, Sequences, eval_set
+
+log = logging.getLogger(__name__)
+
+
+class UserScorer:
+    """Scores every item for a batch of evaluation rows with the current weights."""
+
+    def __init__(self, model: TwoTowerModel, data: EvalSet, use_events: bool):
+        self.model, self.data, self.use_events = model, data, use_events
+
+        # Item vectors are an argument, not a captured tensor: a captured one would be frozen
+        # at its first-trace value while the weights keep changing.
+        @tf.function(reduce_retracing=True)
+        def users(history, event_types, items):
+            return self.model.user_vector(history, items,
+                                          event_types if self.use_events else None)
+        self._users = users
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute item vectors (call after the weights change)."""
+        self.items_tf = tf.cast(self.model.all_item_vectors(), tf.float32)
+        self.items = self.items_tf.numpy()
+
+    def user_vectors(self, rows: np.ndarray) -> np.ndarray:
+        return tf.cast(self._users(self.data.history[rows], self.data.event_types[rows],
+                                   self.items_tf), tf.float32).numpy()
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        return self.user_vectors(rows) @ self.items.T  # [rows, num_items + 1]
+
+
+def subset(n: int, size: int, seed: int) -> np.ndarray | None:
+    """A fixed random subset of `size` of n rows, or None (= all) when size is 0 or >= n."""
+    if not size or size >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+class ValidationCallback(tf.keras.callbacks.Callback):
+    """Valid NDCG@10 after each epoch; keeps the best weights, stops on patience or budget.
+
+    Logs the epoch's one line (loss, validation metrics, speed)."""
+
+    def __init__(self, scorer: UserScorer, config: TrainConfig, num_items: int,
+                 checkpoint: Path, positions_per_epoch: int, rows: np.ndarray | None):
+        super().__init__()
+        self.scorer, self.config, self.num_items = scorer, config, num_items
+        self.checkpoint, self.positions = checkpoint, positions_per_epoch
+        self.rows = rows
+        self.best, self.best_epoch, self.wait = -1.0, -1, 0
+        self.started = time.time()
+        self.epoch_times: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.time() - self.epoch_start
+        self.epoch_times.append(seconds)
+        self.scorer.refresh()
+        metrics = evaluate(self.scorer, self.scorer.data, self.num_items,
+                           self.config.eval_batch_size, rows=self.rows)
+        logs = logs if logs is not None else {}
+        for name in ("hr@10", "ndcg@10", "mrr"):
+            logs[f"val_{name}"] = metrics[name]
+        logs["epoch_seconds"] = seconds
+        logs["positions_per_second"] = self.positions / max(seconds, 1e-9)
+        log.info("epoch %d: loss %.4f  valid NDCG@10 %.4f  HR@10 %.4f  (%.1fs, %s positions/s)",
+                 epoch + 1, logs.get("loss", float("nan")), metrics["ndcg@10"],
+                 metrics["hr@10"], seconds, f"{logs['positions_per_second']:,.0f}")
+        if metrics["ndcg@10"] > self.best:
+            self.best, self.best_epoch, self.wait = metrics["ndcg@10"], epoch, 0
+            self.model.save_weights(str(self.checkpoint))
+        else:
+            self.wait += 1
+        budget = self.config.time_budget_minutes * 60
+        if self.wait >= self.config.patience or (budget and time.time() - self.started > budget):
+            self.model.stop_training = True
+
+
+def score_test_split(model: TwoTowerModel, seqs: Sequences, config: TrainConfig,
+                 counts: np.ndarray, use_events: bool) -> dict:
+    """Test split metrics of the model and of the popularity baseline (`counts` per item),
+    overall and, when items were held out, on the cold-item targets."""
+    test = eval_set(seqs, "test", config.max_seq_len)
+    scorer = UserScorer(model, test, use_events)
+    rows = subset(len(test.target), config.test_users, config.seed)
+    common = dict(num_items=seqs.num_items, batch_size=config.eval_batch_size, seed=config.seed)
+    popular = lambda batch: np.broadcast_to(counts, (len(batch), len(counts)))  # noqa: E731
+    results = {"test": evaluate(scorer, test, sampled_negatives=config.sampled_negatives,
+                                rows=rows, **common),
+               "popularity_test": evaluate(popular, test, rows=rows,
+                                           sampled_negatives=config.sampled_negatives, **common)}
+    if len(seqs.cold_items):
+        cold_rows = np.flatnonzero(np.isin(test.target, seqs.cold_items))
+        if rows is not None:
+            cold_rows = np.intersect1d(cold_rows, rows)
+        results["cold_items"] = int(len(seqs.cold_items))
+        results["cold_test"] = evaluate(scorer, test, rows=cold_rows, **common)
+        results["cold_popularity_test"] = evaluate(popular, test, rows=cold_rows, **common)
+    return results
