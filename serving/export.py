@@ -15,7 +15,11 @@ import logging
 import math
 import os
 import shutil
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +65,30 @@ class ScannParams:
         return cls(leaves, min(search, leaves), reorder)
 
 
+@contextmanager
+def _native_log_captured() -> Iterator[None]:
+    """ScaNN's C++ code logs each index build to stderr through absl, which neither Python
+    logging nor TF_CPP_MIN_LOG_LEVEL controls. Unless INFO lines are wanted (train.py -v, the
+    server), hold file descriptor 2 in a temporary file meanwhile and replay it on failure."""
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def scann_index(item_vectors: np.ndarray, k: int, params: ScannParams) -> tf.keras.layers.Layer:
     """A tfrs ScaNN layer over items 1..N (identifiers = item_idx), called once so it saves."""
     import tensorflow_recommenders as tfrs
@@ -70,9 +98,10 @@ def scann_index(item_vectors: np.ndarray, k: int, params: ScannParams) -> tf.ker
         k=min(k, num_items), num_leaves=params.num_leaves,
         num_leaves_to_search=params.leaves_to_search,
         num_reordering_candidates=max(params.reorder, k), dimensions_per_block=2)
-    layer.index(tf.constant(item_vectors[1:], tf.float32),
-                tf.range(1, num_items + 1, dtype=tf.int32))
-    layer(tf.zeros([1, item_vectors.shape[1]], tf.float32))  # build the graph before saving
+    with _native_log_captured():
+        layer.index(tf.constant(item_vectors[1:], tf.float32),
+                    tf.range(1, num_items + 1, dtype=tf.int32))
+        layer(tf.zeros([1, item_vectors.shape[1]], tf.float32))  # build before saving
     return layer
 
 

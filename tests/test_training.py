@@ -71,7 +71,8 @@ def test_console_shows_one_line_per_epoch_and_no_library_noise(cli_run):
     assert [line.split(":")[0] for line in epoch_lines] == [f"epoch {i}" for i in range(1, 5)]
     assert all("valid NDCG@10" in line and "loss" in line for line in epoch_lines)
     for noise in ("Epoch 1/4", "Sharding callback", "cuInit", "INFO absl", "INFO tensorflow",
-                  "Some weights of", "TensorFlow and JAX classes are deprecated"):
+                  "Some weights of", "TensorFlow and JAX classes are deprecated",
+                  "absl::InitializeLog", "I0000"):
         assert noise not in console, noise
     assert "text encoder: " in result.stderr
 
