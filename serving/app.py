@@ -1,27 +1,32 @@
 """The recommendation API: FastAPI endpoints over the current exported model version.
 
-`create_app(model_dir, index, poll_seconds)` builds an app whose startup loads the newest VERSION
-under model_dir and polls for newer ones. The module attribute `app` is built from the
-environment (MODEL_DIR, INDEX, POLL_SECONDS) on first access, so `uvicorn main:app` works and
-importing this module for tests loads nothing.
+`create_app(model_dir, ...)` builds an app whose startup loads the VERSION the policy picks
+under model_dir and polls for others. The module attribute `app` is built from the environment
+(MODEL_DIR, INDEX, POLL_SECONDS, MODEL_VERSION, ADMIN_TOKEN, ACCESS_LOG, MAX_BODY_BYTES) on
+first access, so `uvicorn main:app` works and importing this module for tests loads nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.model_store import ModelError, ModelStore, ServingModel
+from serving.metrics import RequestMetricsMiddleware, ServingMetrics
+from serving.model_store import INDEXES, ModelError, ModelStore, ServingModel, VersionPolicy
 from serving.schemas import (
     K_MAX,
     ErrorResponse,
@@ -38,6 +43,8 @@ from serving.schemas import (
 )
 
 DEFAULT_MODEL_DIR = "saved_model/sample"
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 1,000-item history of 256-character ids is ~260 KB
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 UNAVAILABLE = {503: {"model": ErrorResponse, "description": "no model loaded, or it failed"}}
 
 router = APIRouter()
@@ -58,6 +65,29 @@ async def current_model(request: Request) -> ServingModel:
 Model = Annotated[ServingModel, Depends(current_model)]
 
 
+async def get_metrics(request: Request) -> ServingMetrics:
+    return request.app.state.metrics
+
+
+Metrics = Annotated[ServingMetrics, Depends(get_metrics)]
+
+
+async def require_admin(request: Request) -> None:
+    """`Authorization: Bearer $ADMIN_TOKEN`; with no token configured, admin routes answer
+    only on a server bound to loopback."""
+    token = request.app.state.admin_token
+    if not token:
+        host = (request.scope.get("server") or ("",))[0]
+        if host in LOOPBACK:
+            return
+        raise HTTPException(403, "admin routes are disabled: set ADMIN_TOKEN on the server "
+                                 "(or bind it to 127.0.0.1)")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        raise HTTPException(401, "admin routes need the header 'Authorization: Bearer "
+                                 "<ADMIN_TOKEN>'", headers={"WWW-Authenticate": "Bearer"})
+
+
 def _scored(model: ServingModel, pairs: list[tuple[str, float]]) -> list[ScoredItem]:
     return [ScoredItem(item_id=item, title=model.titles.get(item, ""), score=score)
             for item, score in pairs]
@@ -72,13 +102,15 @@ def known_history(model: ServingModel, history: list[str], event_types: list[str
     return [history[i] for i in keep], kinds, unknown
 
 
-def recommend(model: ServingModel, user_id: str | None, history: list[str],
-              event_types: list[str] | None, k: int, exclude_seen: bool,
+def recommend(model: ServingModel, metrics: ServingMetrics, user_id: str | None,
+              history: list[str], event_types: list[str] | None, k: int, exclude_seen: bool,
               rerank: bool) -> RecommendationsResponse:
     """Retrieve (and optionally re-rank) for a raw history; the most popular items when no item
     of it is known."""
     known, kinds, unknown = known_history(model, history, event_types)
+    metrics.unknown_items.inc(len(unknown))
     if not known:
+        metrics.fallbacks.inc()
         return RecommendationsResponse(
             user_id=user_id, model_version=model.version, fallback=True,
             recommendations=_scored(model, model.popular[:k]), unknown_items=unknown)
@@ -94,7 +126,8 @@ def recommend(model: ServingModel, user_id: str | None, history: list[str],
 @router.get("/recommendations/{user_id}", response_model=RecommendationsResponse,
             responses={404: {"model": ErrorResponse, "description": "unknown user"},
                        **UNAVAILABLE})
-def recommend_user(model: Model, user_id: Annotated[str, PathParam(max_length=256)],
+def recommend_user(model: Model, metrics: Metrics,
+                   user_id: Annotated[str, PathParam(max_length=256)],
                    k: Annotated[int, Query(ge=1, le=K_MAX)] = 10, exclude_seen: bool = True,
                    rerank: bool = False,
                    fallback: Annotated[Literal["popular"] | None, Query(
@@ -107,16 +140,17 @@ def recommend_user(model: Model, user_id: Annotated[str, PathParam(max_length=25
             raise HTTPException(404, f"unknown user_id {user_id!r} (model version "
                                      f"{model.version}); pass fallback=popular to get the "
                                      "most popular items instead")
-        return recommend(model, user_id, [], None, k, exclude_seen, rerank)
+        return recommend(model, metrics, user_id, [], None, k, exclude_seen, rerank)
     history, event_types = stored
-    return recommend(model, user_id, history, event_types, k, exclude_seen, rerank)
+    return recommend(model, metrics, user_id, history, event_types, k, exclude_seen, rerank)
 
 
 @router.post("/recommendations", response_model=RecommendationsResponse, responses=UNAVAILABLE)
-def recommend_session(model: Model, body: RecommendRequest) -> RecommendationsResponse:
+def recommend_session(model: Model, metrics: Metrics,
+                      body: RecommendRequest) -> RecommendationsResponse:
     """Recommendations for an anonymous or live session given as raw item ids, newest last."""
-    return recommend(model, None, body.history, body.event_types, body.k, body.exclude_seen,
-                     body.rerank)
+    return recommend(model, metrics, None, body.history, body.event_types, body.k,
+                     body.exclude_seen, body.rerank)
 
 
 @router.get("/items/{item_id}/similar", response_model=SimilarResponse,
@@ -134,9 +168,10 @@ def similar_items(model: Model, item_id: Annotated[str, PathParam(max_length=256
 
 
 @router.post("/rank", response_model=RankResponse, responses=UNAVAILABLE)
-def rank(model: Model, body: RankRequest) -> RankResponse:
+def rank(model: Model, metrics: Metrics, body: RankRequest) -> RankResponse:
     """The ranking head's scores for candidates given a history; best first."""
     history, kinds, unknown = known_history(model, body.history, body.event_types)
+    metrics.unknown_items.inc(len(unknown))
     ranked, unknown_candidates = model.rank(history, kinds, body.candidates)
     return RankResponse(model_version=model.version, ranked=_scored(model, ranked),
                         unknown_candidates=unknown_candidates, unknown_items=unknown)
@@ -156,26 +191,39 @@ async def ready(response: Response,
     model = store.current
     if model is None:
         response.status_code = 503
-        return ReadyResponse(ready=False, index=store.index,
-                             detail=f"no loadable model version under {store.model_dir}")
+        detail = ("a model version is loading" if store.loading else
+                  f"no loadable model version in MODEL_DIR (policy {store.policy})")
+        return ReadyResponse(ready=False, index=store.index, detail=detail)
     return ReadyResponse(ready=True, model_version=model.version, index=model.index)
 
 
 @router.get("/metadata", response_model=MetadataResponse, responses=UNAVAILABLE)
-async def metadata(model: Model) -> MetadataResponse:
+async def metadata(model: Model, store: Annotated[ModelStore, Depends(get_store)]
+                   ) -> MetadataResponse:
     """The served version: data set, test metrics, index parameters, library versions."""
     meta = model.metadata
     fields = ("data_source", "data_manifest", "test_metrics", "max_seq_len", "embedding_dim",
               "default_event_type", "scann", "created", "versions")
-    return MetadataResponse(model_version=model.version, index=model.index, k=model.k,
+    return MetadataResponse(model_version=model.version, version_policy=str(store.policy),
+                            index=model.index, k=model.k,
                             event_types=meta.get("event_types") or [],
                             **{name: meta.get(name) for name in fields})
 
 
-@router.post("/admin/reload", response_model=ReloadResponse)
-def reload(store: Annotated[ModelStore, Depends(get_store)]) -> ReloadResponse:
-    """Look for a newer version now (the background poll does the same every POLL_SECONDS)."""
-    result = store.refresh()
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(metrics: Metrics) -> Response:
+    """Prometheus text format: requests and latency per route and status, model version,
+    loads, reloads, popular fallbacks, unknown item ids, the index in use."""
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/admin/reload", response_model=ReloadResponse,
+             dependencies=[Depends(require_admin)],
+             responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}})
+async def reload(store: Annotated[ModelStore, Depends(get_store)]) -> ReloadResponse:
+    """Scan MODEL_DIR now (the background poll does the same every POLL_SECONDS). A reload
+    asked for while one runs shares its result; waiting holds no worker thread."""
+    result = await asyncio.wrap_future(store.reload("admin"))
     return ReloadResponse(model_version=result.model_version, changed=result.changed,
                           failed_versions={str(v): reason for v, reason in result.failed.items()})
 
@@ -184,47 +232,91 @@ async def _model_error(request: Request, error: ModelError) -> JSONResponse:
     return JSONResponse({"detail": str(error)}, status_code=503)
 
 
+ECHO_MAX_CHARS = 120  # 422 details quote at most this much of the offending input
+
+
+def _short(value: Any) -> Any:
+    """An input as a 422 detail quotes it: small values as they are, large ones summarised."""
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    if len(text) <= ECHO_MAX_CHARS:
+        return value
+    kind = type(value).__name__
+    size = f"{len(value):,} entries" if isinstance(value, (list, dict)) else f"{len(text):,} chars"
+    return f"<{kind} of {size}, not echoed>"
+
+
 async def _validation_error(request: Request, error: RequestValidationError) -> Response:
-    """FastAPI's 422 body, ASCII-escaped: its default echoes the input and fails (500) on
-    text UTF-8 cannot encode, such as a lone surrogate sent as "\\ud800"."""
-    body = json.dumps({"detail": jsonable_encoder(error.errors())}, ensure_ascii=True)
+    """FastAPI's 422 body with the inputs shortened (a 5 MB body is not echoed back) and
+    ASCII-escaped (the default fails with a 500 on text UTF-8 cannot encode, such as a lone
+    surrogate sent as "\\ud800")."""
+    details = []
+    for item in error.errors():
+        item = {key: value for key, value in item.items() if key not in ("url", "ctx")}
+        if "input" in item:
+            item["input"] = _short(item["input"])
+        details.append(item)
+    body = json.dumps({"detail": details}, ensure_ascii=True, default=str)
     return Response(body, status_code=422, media_type="application/json")
 
 
-def create_app(model_dir: Path | str, index: str = "scann",
-               poll_seconds: float = 10.0) -> FastAPI:
-    """An app serving the newest version under model_dir; loading happens at startup."""
-    store = ModelStore(Path(model_dir), index, poll_seconds)
+async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
+    """A body FastAPI could not parse is the client's fault and gets a 422 naming why, not
+    FastAPI's generic 400."""
+    cause = error.__cause__
+    if error.status_code == 400 and isinstance(cause, (UnicodeDecodeError, RecursionError)):
+        message = (f"request body is not valid UTF-8 (byte {cause.start})"
+                   if isinstance(cause, UnicodeDecodeError) else
+                   "request body JSON is nested too deeply")
+        return JSONResponse({"detail": [{"type": "body_invalid", "loc": ["body"],
+                                         "msg": message}]}, status_code=422)
+    return await http_exception_handler(request, error)
+
+
+def create_app(model_dir: Path | str, index: str = "scann", poll_seconds: float = 10.0,
+               policy: VersionPolicy | str = "latest", admin_token: str | None = None,
+               access_log: bool = False, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """An app serving the version `policy` picks under model_dir; loading happens at startup."""
+    if isinstance(policy, str):
+        policy = VersionPolicy.parse(policy)
+    metrics = ServingMetrics()
+    metrics.serving_index(index, INDEXES)
+    store = ModelStore(Path(model_dir), index, poll_seconds, policy, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store.start()
+        await asyncio.to_thread(store.start)
         try:
             yield
         finally:
             store.stop()
 
-    app = FastAPI(title="towerrec", lifespan=lifespan,
+    app = FastAPI(title="towerrec", lifespan=lifespan, max_body_size=max_body_bytes,
                   description="Two-tower sequential recommendations: retrieval (ScaNN or "
                               "brute force), ranking, similar items.")
-    app.state.store = store
+    app.state.store, app.state.metrics, app.state.admin_token = store, metrics, admin_token
     app.include_router(router)
     app.add_exception_handler(ModelError, _model_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, access_log_enabled=access_log)
     return app
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_number(name: str, default: float, kind=float) -> float:
     raw = os.environ.get(name, str(default))
     try:
-        return float(raw)
+        return kind(raw)
     except ValueError as error:
-        raise ValueError(f"{name}={raw!r}: expected a number of seconds") from error
+        raise ValueError(f"{name}={raw!r}: expected a {kind.__name__}") from error
 
 
 def create_app_from_env() -> FastAPI:
     return create_app(os.environ.get("MODEL_DIR", DEFAULT_MODEL_DIR),
-                      os.environ.get("INDEX", "scann"), _env_float("POLL_SECONDS", 10.0))
+                      os.environ.get("INDEX", "scann"), _env_number("POLL_SECONDS", 10.0),
+                      os.environ.get("MODEL_VERSION", "latest"),
+                      os.environ.get("ADMIN_TOKEN") or None,
+                      os.environ.get("ACCESS_LOG", "").lower() in ("1", "true", "json", "on"),
+                      int(_env_number("MAX_BODY_BYTES", MAX_BODY_BYTES, int)))
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -1,9 +1,14 @@
-"""The API's model holder: load one exported VERSION, keep the current one, swap in newer ones.
+"""The API's model holder: load one exported VERSION, keep the current one, swap in others as
+the version policy says.
 
-A version is loaded and warmed up completely before a single reference assignment makes it
-current, so a request that grabbed the old model finishes on it and none sees a half-loaded one.
-A version that fails to load is logged, refused and remembered (not retried until its directory
-is replaced); the previous version keeps serving.
+A version is loaded and warmed up completely, on the store's own loader thread, before a single
+reference assignment makes it current: a request that grabbed the old model finishes on it and
+none sees a half-loaded one, and no request thread ever waits for a load. Loads are
+single-flight: a reload asked for while one runs shares that one's result. A version that fails
+to load is logged, refused and remembered (not retried until its directory is replaced); the
+previous version keeps serving. The policy (TF Serving's, in small): `latest` serves the newest
+loadable version and never goes back by itself; a pinned version serves that one only. A served
+version whose directory disappears keeps serving from memory, with a WARNING.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,15 +57,50 @@ def import_index_ops(index: str) -> None:
                                "INDEX=bruteforce") from error
 
 
-def list_versions(model_dir: Path) -> list[tuple[int, Path]]:
-    """Complete VERSION dirs under model_dir, newest first (`.tmp-*` and `tf_serving` skipped)."""
+VERSION_NAME = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() also accepts "²" or "٣"
+
+
+def list_versions(model_dir: Path, warned: set[str] | None = None) -> list[tuple[int, Path]]:
+    """VERSION dirs under model_dir, newest first. Export's own `tf_serving/` and hidden
+    `.tmp-*` dirs are skipped silently; any other name that is not ASCII digits is ignored with
+    one WARNING (per name, when `warned` remembers them)."""
     try:
         entries = list(model_dir.iterdir())
     except OSError as error:
         log.warning("cannot list MODEL_DIR %s: %s", model_dir, error)
         return []
-    versions = [(int(p.name), p) for p in entries if p.name.isdigit() and p.is_dir()]
+    versions = []
+    for path in entries:
+        name = path.name
+        if VERSION_NAME.fullmatch(name):
+            if path.is_dir():
+                versions.append((int(name), path))
+        elif name != "tf_serving" and not name.startswith(".") and (
+                warned is None or name not in warned):
+            if warned is not None:
+                warned.add(name)
+            log.warning("ignoring %r in MODEL_DIR: version directories are named by ASCII "
+                        "digits only", name)
     return sorted(versions, reverse=True)
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which version to serve: the newest (`latest`) or one pinned version number."""
+
+    pinned: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        text = text.strip()
+        if text in ("", "latest"):
+            return cls()
+        if VERSION_NAME.fullmatch(text) and int(text) > 0:
+            return cls(int(text))
+        raise ValueError(f"MODEL_VERSION={text!r}: expected 'latest' or a version number")
+
+    def __str__(self) -> str:
+        return "latest" if self.pinned is None else str(self.pinned)
 
 
 def _strings(values: list[str]) -> tf.Tensor:
@@ -227,14 +269,21 @@ class ReloadResult:
 
 
 class ModelStore:
-    """The current ServingModel, replaced by newer versions found under model_dir."""
+    """The current ServingModel, chosen among the versions under model_dir by the policy."""
 
-    def __init__(self, model_dir: Path, index: str = "scann", poll_seconds: float = 10.0):
+    def __init__(self, model_dir: Path, index: str = "scann", poll_seconds: float = 10.0,
+                 policy: VersionPolicy = VersionPolicy(), metrics=None):
         import_index_ops(index)
         self.model_dir, self.index, self.poll_seconds = Path(model_dir), index, poll_seconds
+        self.policy, self.metrics = policy, metrics
         self._current: ServingModel | None = None
         self._failed: dict[int, tuple[int, str]] = {}  # version -> (dir mtime, reason)
-        self._lock = threading.Lock()  # one load at a time (poll thread vs /admin/reload)
+        self._warned_names: set[str] = set()
+        self._missing_warned: int | None = None  # served version already reported missing
+        # Every load runs on this one thread; _inflight is the load running now, if any.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        self._inflight: Future | None = None
+        self._inflight_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -244,48 +293,109 @@ class ModelStore:
         return self._current
 
     @property
-    def failed(self) -> dict[int, str]:
-        return {version: reason for version, (_, reason) in self._failed.items()}
+    def loading(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
 
-    def refresh(self) -> ReloadResult:
-        """Serve the newest loadable version: load it if it is not the current one. Versions
-        that failed before are skipped unless their directory was replaced since."""
-        with self._lock:
-            before = self._current
-            for version, path in list_versions(self.model_dir):
-                if before is not None and version == before.version:
-                    break
-                try:
-                    stamp = path.stat().st_mtime_ns
-                except OSError:
-                    continue  # removed while we looked
-                if self._failed.get(version, (None,))[0] == stamp:
-                    continue
-                try:
-                    model = ServingModel.load(path, version, self.index)
-                except Exception as error:  # any broken file: refuse it, keep serving
-                    reason = f"{type(error).__name__}: {error}"[:500]
-                    self._failed[version] = (stamp, reason)
-                    log.error("refusing model version %d at %s: %s; still serving %s", version,
-                              path, reason, before.version if before else "nothing")
-                    continue
-                self._current = model  # the swap: one reference assignment
-                log.info("now serving model version %d (was %s)", version,
-                         before.version if before else "none")
-                break
-            current = self._current
-            changed = current is not before
-            del before  # let the collection below free the replaced model
-            if changed:
-                _settle_memory()
-            return ReloadResult(current.version if current else None, changed, self.failed)
+    @property
+    def failed(self) -> dict[int, str]:
+        """Refused versions with a reason fit to show a client (no server paths)."""
+        return {version: self.public(reason) for version, (_, reason) in self._failed.items()}
+
+    def public(self, text: str) -> str:
+        """`text` with the server's MODEL_DIR paths replaced by the word MODEL_DIR."""
+        for path in sorted({str(self.model_dir.resolve()), str(self.model_dir)}, key=len,
+                           reverse=True):
+            if path not in ("", "."):
+                text = text.replace(path, "MODEL_DIR")
+        return text
+
+    def reload(self, trigger: str = "admin") -> Future:
+        """Start a scan-and-load on the loader thread unless one is running; callers meanwhile
+        get the running one's future (single flight). Returns a Future of ReloadResult."""
+        with self._inflight_lock:
+            if self._inflight is None or self._inflight.done():
+                if self.metrics is not None:
+                    self.metrics.reloads.labels(trigger).inc()
+                self._inflight = self._loader.submit(self._refresh)
+            return self._inflight
+
+    def refresh(self, trigger: str = "admin") -> ReloadResult:
+        """reload() and wait for its result."""
+        return self.reload(trigger).result()
+
+    def _candidates(self, before: ServingModel | None) -> list[tuple[int, Path]]:
+        """Versions to try, in order, under the policy."""
+        versions = list_versions(self.model_dir, self._warned_names)
+        present = {version for version, _ in versions}
+        if before is not None and before.version not in present:
+            if self._missing_warned != before.version:
+                self._missing_warned = before.version
+                log.warning("served model version %d is gone from MODEL_DIR; still serving it "
+                            "from memory (policy %s)", before.version, self.policy)
+        if self.policy.pinned is not None:
+            if before is not None and before.version == self.policy.pinned:
+                return []
+            if self.policy.pinned not in present:
+                if self._missing_warned != -self.policy.pinned:
+                    self._missing_warned = -self.policy.pinned
+                    log.warning("pinned model version %d (MODEL_VERSION) is not in MODEL_DIR",
+                                self.policy.pinned)
+                return []
+            return [(v, p) for v, p in versions if v == self.policy.pinned]
+        # latest: newer versions only; never back to an older one by itself
+        return [(v, p) for v, p in versions if before is None or v > before.version]
+
+    def _refresh(self) -> ReloadResult:
+        """Serve the version the policy picks; loaded and warmed here, on the loader thread.
+        Versions that failed before are skipped unless their directory was replaced since."""
+        before = self._current
+        for version, path in self._candidates(before):
+            try:
+                stamp = path.stat().st_mtime_ns
+            except OSError:
+                continue  # removed while we looked
+            if self._failed.get(version, (None,))[0] == stamp:
+                continue
+            started = time.time()
+            try:
+                model = ServingModel.load(path, version, self.index)
+            except Exception as error:  # any broken file: refuse it, keep serving
+                reason = f"{type(error).__name__}: {error}"[:500]
+                self._failed[version] = (stamp, reason)
+                self._count_load("failed", started)
+                log.error("refusing model version %d at %s: %s; still serving %s", version,
+                          path, reason, before.version if before else "nothing")
+                continue
+            self._count_load("loaded", started)
+            self._current = model  # the swap: one reference assignment
+            newest = max((v for v, _ in list_versions(self.model_dir, self._warned_names)),
+                         default=version)
+            if self.policy.pinned is not None and version < newest:
+                log.warning("serving pinned model version %d by policy (MODEL_VERSION=%d); "
+                            "newest is %d", version, version, newest)
+            log.info("now serving model version %d (was %s)", version,
+                     before.version if before else "none")
+            if self.metrics is not None:
+                self.metrics.model_version.set(version)
+            break
+        current = self._current
+        changed = current is not before
+        del before  # let the collection below free the replaced model
+        if changed:
+            _settle_memory()
+        return ReloadResult(current.version if current else None, changed, self.failed)
+
+    def _count_load(self, outcome: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.loads.labels(outcome).inc()
+            self.metrics.load_seconds.observe(time.time() - started)
 
     def start(self) -> None:
-        """Load the newest version now, then poll for new ones in a daemon thread."""
-        result = self.refresh()
+        """Load a version now (waiting for it), then poll for others in a daemon thread."""
+        result = self.refresh("startup")
         if result.model_version is None:
-            log.error("no loadable model version under %s yet; /ready answers 503",
-                      self.model_dir)
+            log.error("no loadable model version under %s yet (policy %s); /ready answers 503",
+                      self.model_dir, self.policy)
         if self.poll_seconds > 0 and self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._poll, name="model-poll", daemon=True)
@@ -300,6 +410,6 @@ class ModelStore:
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_seconds):
             try:
-                self.refresh()
+                self.refresh("poll")
             except Exception:  # the poller must outlive any one bad scan
                 log.exception("polling %s for new model versions failed", self.model_dir)

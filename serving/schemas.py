@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 from serving.contract import HISTORY_MAX
 
@@ -47,8 +47,9 @@ class RecommendRequest(_WithHistory):
     """An anonymous or live session: recommendations from a raw history."""
 
     k: K = 10
-    exclude_seen: bool = Field(default=True, description="leave out items in the history")
-    rerank: bool = Field(default=False,
+    exclude_seen: StrictBool = Field(default=True,
+                                     description="leave out items in the history")
+    rerank: StrictBool = Field(default=False,
                          description="re-order the retrieved candidates by the ranking head")
 
     model_config = {"json_schema_extra": {"examples": [
@@ -115,6 +116,7 @@ class ReadyResponse(BaseModel):
 
 class MetadataResponse(BaseModel):
     model_version: int
+    version_policy: str = Field(description="latest, or the pinned version (MODEL_VERSION)")
     index: str
     data_source: str | None = None
     data_manifest: dict[str, Any] | None = None

@@ -19,6 +19,9 @@ from fastapi.testclient import TestClient
 
 from serving.app import create_app
 
+TOKEN = "test-admin-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
 
 def add_version(source: Path, root: Path, version: int, edit=None) -> Path:
     """Copy an exported version under root/VERSION the way export does: temp dir, then rename."""
@@ -317,14 +320,14 @@ def test_concurrent_requests_match_sequential(client):
 
 
 def test_no_model_yet_then_admin_reload(version1, tmp_path):
-    with TestClient(create_app(tmp_path, "scann", poll_seconds=0)) as empty:
+    with TestClient(create_app(tmp_path, "scann", poll_seconds=0, admin_token=TOKEN)) as empty:
         assert empty.get("/health").status_code == 200
         ready = empty.get("/ready")
         assert ready.status_code == 503 and ready.json()["ready"] is False
         missing = empty.get("/recommendations/u000")
         assert missing.status_code == 503 and "no model" in missing.json()["detail"]
         add_version(version1, tmp_path, 1)
-        reload = empty.post("/admin/reload").json()
+        reload = empty.post("/admin/reload", headers=ADMIN).json()
         assert reload == {"model_version": 1, "changed": True, "failed_versions": {}}
         assert empty.get("/ready").json()["model_version"] == 1
         assert empty.get("/recommendations/u000").status_code == 200
@@ -332,7 +335,7 @@ def test_no_model_yet_then_admin_reload(version1, tmp_path):
 
 def test_hot_reload_under_load_and_broken_version_refused(version1, tmp_path, caplog):
     add_version(version1, tmp_path, 1)
-    app = create_app(tmp_path, "scann", poll_seconds=0)
+    app = create_app(tmp_path, "scann", poll_seconds=0, admin_token=TOKEN)
     with TestClient(app) as live:
         before = live.get("/items/SKU0005/similar").json()["similar"]
         stop, seen, errors = threading.Event(), [], []
@@ -352,7 +355,7 @@ def test_hot_reload_under_load_and_broken_version_refused(version1, tmp_path, ca
             thread.start()
         time.sleep(0.5)
         add_version(version1, tmp_path, 2, edit=shift_embeddings)
-        reload = live.post("/admin/reload").json()
+        reload = live.post("/admin/reload", headers=ADMIN).json()
         time.sleep(0.5)
         stop.set()
         for thread in threads:
@@ -370,8 +373,8 @@ def test_hot_reload_under_load_and_broken_version_refused(version1, tmp_path, ca
         (broken / "metadata.json").write_text("{not json")
         os.rename(broken, tmp_path / "3")
         with caplog.at_level(logging.ERROR, logger="serving.model_store"):
-            refused = live.post("/admin/reload").json()
-            again = live.post("/admin/reload").json()
+            refused = live.post("/admin/reload", headers=ADMIN).json()
+            again = live.post("/admin/reload", headers=ADMIN).json()
         assert refused["model_version"] == 2 and refused["changed"] is False
         assert "3" in refused["failed_versions"] and again["failed_versions"] == \
             refused["failed_versions"]
@@ -381,7 +384,7 @@ def test_hot_reload_under_load_and_broken_version_refused(version1, tmp_path, ca
         assert live.get("/recommendations/u003").json()["model_version"] == 2
 
 
-def test_background_poll_picks_up_new_version_and_rolls_back(version1, tmp_path):
+def test_background_poll_picks_up_new_version_and_never_rolls_back(version1, tmp_path, caplog):
     add_version(version1, tmp_path, 1)
     with TestClient(create_app(tmp_path, "scann", poll_seconds=0.2)) as polled:
 
@@ -397,8 +400,12 @@ def test_background_poll_picks_up_new_version_and_rolls_back(version1, tmp_path)
         add_version(version1, tmp_path, 2, edit=shift_embeddings)
         assert wait_for(2)
         assert polled.get("/recommendations/u000").json()["model_version"] == 2
-        shutil.rmtree(tmp_path / "2")  # withdrawn: the newest remaining version serves again
-        assert wait_for(1)
+        with caplog.at_level(logging.WARNING, logger="serving.model_store"):
+            shutil.rmtree(tmp_path / "2")  # withdrawn: keeps serving from memory, says so
+            time.sleep(1.0)  # five polls
+        assert polled.get("/recommendations/u000").json()["model_version"] == 2
+        gone = [r for r in caplog.records if "version 2 is gone" in r.getMessage()]
+        assert len(gone) == 1 and gone[0].levelno == logging.WARNING
 
 
 def test_app_module_builds_nothing_on_import_and_checks_index(tmp_path):
