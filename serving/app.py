@@ -23,6 +23,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.metrics import RequestMetricsMiddleware, ServingMetrics
@@ -93,6 +94,10 @@ def _scored(model: ServingModel, pairs: list[tuple[str, float]]) -> list[ScoredI
             for item, score in pairs]
 
 
+def _json(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
 def known_history(model: ServingModel, history: list[str], event_types: list[str] | None):
     """(catalog items of the history, their event types, unknown ids once each). Unknown ids
     are dropped here, as the graph would ignore them anyway; "" is padding, not unknown."""
@@ -102,37 +107,43 @@ def known_history(model: ServingModel, history: list[str], event_types: list[str
     return [history[i] for i in keep], kinds, unknown
 
 
-def recommend(model: ServingModel, metrics: ServingMetrics, user_id: str | None,
-              history: list[str], event_types: list[str] | None, k: int, exclude_seen: bool,
-              rerank: bool) -> RecommendationsResponse:
+async def recommend(model: ServingModel, metrics: ServingMetrics, user_id: str | None,
+                    history: list[str], event_types: list[str] | None, k: int,
+                    exclude_seen: bool, rerank: bool, stored: bool = False) -> Response:
     """Retrieve (and optionally re-rank) for a raw history; the most popular items when no item
-    of it is known."""
-    known, kinds, unknown = known_history(model, history, event_types)
-    metrics.unknown_items.inc(len(unknown))
+    of it is known. `stored`: a history from the version's own user table, all catalog ids.
+
+    Answers pre-serialised JSON: the response model is built once here, so FastAPI does not
+    validate it a second time on the way out (the endpoint's response_model documents it)."""
+    if stored:
+        known, kinds, unknown = history, event_types, []
+    else:
+        known, kinds, unknown = known_history(model, history, event_types)
+        metrics.unknown_items.inc(len(unknown))
     if not known:
         metrics.fallbacks.inc()
-        return RecommendationsResponse(
+        return _json(RecommendationsResponse(
             user_id=user_id, model_version=model.version, fallback=True,
-            recommendations=_scored(model, model.popular[:k]), unknown_items=unknown)
-    found, events_used = model.retrieve(known, kinds, exclude_seen)
+            recommendations=_scored(model, model.popular[:k]), unknown_items=unknown))
+    found, events_used = await model.retrieve_async(known, kinds, exclude_seen)
     if rerank and found:
-        found, _ = model.rank(known, kinds, [item for item, _ in found])
+        found, _ = await model.rank_async(known, kinds, [item for item, _ in found])
         events_used = kinds is not None
-    return RecommendationsResponse(
+    return _json(RecommendationsResponse(
         user_id=user_id, model_version=model.version, recommendations=_scored(model, found[:k]),
-        unknown_items=unknown, reranked=rerank, event_types_used=events_used)
+        unknown_items=unknown, reranked=rerank, event_types_used=events_used))
 
 
 @router.get("/recommendations/{user_id}", response_model=RecommendationsResponse,
             responses={404: {"model": ErrorResponse, "description": "unknown user"},
                        **UNAVAILABLE})
-def recommend_user(model: Model, metrics: Metrics,
+async def recommend_user(model: Model, metrics: Metrics,
                    user_id: Annotated[str, PathParam(max_length=256)],
                    k: Annotated[int, Query(ge=1, le=K_MAX)] = 10, exclude_seen: bool = True,
                    rerank: bool = False,
                    fallback: Annotated[Literal["popular"] | None, Query(
                        description="answer an unknown user with the most popular items")] = None,
-                   ) -> RecommendationsResponse:
+                   ) -> Response:
     """Recommendations for a known user from their stored history (newest last)."""
     stored = model.histories.get(user_id)
     if stored is None:
@@ -140,17 +151,18 @@ def recommend_user(model: Model, metrics: Metrics,
             raise HTTPException(404, f"unknown user_id {user_id!r} (model version "
                                      f"{model.version}); pass fallback=popular to get the "
                                      "most popular items instead")
-        return recommend(model, metrics, user_id, [], None, k, exclude_seen, rerank)
+        return await recommend(model, metrics, user_id, [], None, k, exclude_seen, rerank)
     history, event_types = stored
-    return recommend(model, metrics, user_id, history, event_types, k, exclude_seen, rerank)
+    return await recommend(model, metrics, user_id, history, event_types, k, exclude_seen,
+                           rerank, stored=user_id not in model.unclean_histories)
 
 
 @router.post("/recommendations", response_model=RecommendationsResponse, responses=UNAVAILABLE)
-def recommend_session(model: Model, metrics: Metrics,
+async def recommend_session(model: Model, metrics: Metrics,
                       body: RecommendRequest) -> RecommendationsResponse:
     """Recommendations for an anonymous or live session given as raw item ids, newest last."""
-    return recommend(model, metrics, None, body.history, body.event_types, body.k,
-                     body.exclude_seen, body.rerank)
+    return await recommend(model, metrics, None, body.history, body.event_types, body.k,
+                           body.exclude_seen, body.rerank)
 
 
 @router.get("/items/{item_id}/similar", response_model=SimilarResponse,
@@ -168,11 +180,11 @@ def similar_items(model: Model, item_id: Annotated[str, PathParam(max_length=256
 
 
 @router.post("/rank", response_model=RankResponse, responses=UNAVAILABLE)
-def rank(model: Model, metrics: Metrics, body: RankRequest) -> RankResponse:
+async def rank(model: Model, metrics: Metrics, body: RankRequest) -> RankResponse:
     """The ranking head's scores for candidates given a history; best first."""
     history, kinds, unknown = known_history(model, body.history, body.event_types)
     metrics.unknown_items.inc(len(unknown))
-    ranked, unknown_candidates = model.rank(history, kinds, body.candidates)
+    ranked, unknown_candidates = await model.rank_async(history, kinds, body.candidates)
     return RankResponse(model_version=model.version, ranked=_scored(model, ranked),
                         unknown_candidates=unknown_candidates, unknown_items=unknown)
 

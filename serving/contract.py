@@ -13,6 +13,14 @@ ITEM_EMBEDDINGS = "item_embeddings.parquet"  # item_id, embedding
 ITEMS = "items.parquet"  # item_id, item_idx, text, category, brand, price, count, train_count
 USER_HISTORIES = "user_histories.parquet"  # user_id, history, event_types
 METADATA = "metadata.json"
+STOCK_OP_MODELS = (RETRIEVAL_BRUTEFORCE, RANKING)  # load in stock TF Serving (no ScaNN ops)
+
+# ---- TF Serving (saved_model/NAME/tf_serving/ beside the VERSION dirs) ----
+TF_SERVING_DIR = "tf_serving"  # <model>/<VERSION> symlinks + the two configs
+TF_SERVING_CONFIG = "models.config"  # STOCK_OP_MODELS only: for stock tensorflow_model_server
+TF_SERVING_SCANN_CONFIG = "models_scann.config"  # all SAVED_MODELS: a server with ScaNN's ops
+# Inside each SavedModel: PredictionLog records TF Serving replays before serving the model.
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 
 # ---- signatures ----
 SERVING_DEFAULT = "serving_default"  # retrieval: seen items excluded; ranking: no event types

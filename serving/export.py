@@ -4,8 +4,10 @@ Reads the run directory only (towers/run_dir.py): the model is rebuilt from its 
 checkpoint, the item table and user histories are copied from it. VERSION/ holds the files
 named in serving/contract.py: `retrieval/` (user tower + ScaNN index), `retrieval_bruteforce/`
 (exact, stock ops only), `ranking/`, `item_embeddings.parquet`, `items.parquet`,
-`user_histories.parquet`, `metadata.json`. Everything is written into a temporary directory and
-renamed into place, so a server polling the directory never sees half a model.
+`user_histories.parquet`, `metadata.json`; each SavedModel carries TF Serving warmup requests
+and `tf_serving/` gets the model server's configs (serving/tf_serving.py). Everything is written
+into a temporary directory and renamed into place, so a server polling the directory never sees
+half a model.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from serving.signatures import (
     ScannRetrieval,
     add_signatures,
 )
+from serving.tf_serving import write_tf_serving_config, write_warmup_requests
 from towers import run_dir as run_files
 from towers.model import TwoTowerModel
 from towers.run_dir import package_versions
@@ -202,16 +205,18 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
     export_dir.mkdir(parents=True, exist_ok=True)
     version = next_version(export_dir)
     tmp = export_dir / f".tmp-{version}-{os.getpid()}"
+    ids = items["item_id"].astype(str).to_numpy()
+    warmup_event = spec.event_type_of_requests or (spec.event_vocab or [None])[0]
     try:
-        tf.saved_model.save(brute, str(tmp / c.RETRIEVAL_BRUTEFORCE),
-                            signatures=add_signatures(brute, c.RETRIEVAL_BRUTEFORCE))
-        tf.saved_model.save(scann, str(tmp / c.RETRIEVAL_SCANN),
-                            signatures=add_signatures(scann, c.RETRIEVAL_SCANN),
-                            options=tf.saved_model.SaveOptions(
-                                namespace_whitelist=SCANN_NAMESPACE))
-        tf.saved_model.save(ranker, str(tmp / c.RANKING),
-                            signatures=add_signatures(ranker, c.RANKING))
-        ids = items["item_id"].astype(str).to_numpy()
+        for name, module, options in (
+                (c.RETRIEVAL_BRUTEFORCE, brute, None),
+                (c.RETRIEVAL_SCANN, scann,
+                 tf.saved_model.SaveOptions(namespace_whitelist=SCANN_NAMESPACE)),
+                (c.RANKING, ranker, None)):
+            signatures = add_signatures(module, name)
+            tf.saved_model.save(module, str(tmp / name), signatures=signatures,
+                                options=options)
+            write_warmup_requests(tmp / name, name, signatures, ids[:3].tolist(), warmup_event)
         pd.DataFrame({"item_id": ids, "embedding": list(item_vectors[1:])}).to_parquet(
             tmp / c.ITEM_EMBEDDINGS, index=False)
         shutil.copyfile(run_dir / run_files.ITEMS, tmp / c.ITEMS)
@@ -243,26 +248,6 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
              time.time() - started)
     return export_dir / str(version)
 
+
 def _before_rename_hook(tmp: Path) -> None:
     """Tests replace this to simulate an export that dies before the rename."""
-
-
-
-
-def write_tf_serving_config(export_dir: Path, version: int) -> None:
-    """tf_serving/<model>/<VERSION> symlinks + models.config, so each exported model has the
-    base_path/VERSION/saved_model.pb layout tensorflow_model_server expects."""
-    root = export_dir / "tf_serving"
-    lines = ["model_config_list {"]
-    for name in c.SAVED_MODELS:
-        (root / name).mkdir(parents=True, exist_ok=True)
-        link = root / name / str(version)
-        if not link.exists():
-            link.symlink_to(Path("..") / ".." / str(version) / name)
-        lines += ["  config {", f'    name: "{name}"',
-                  f'    base_path: "/models/{export_dir.name}/tf_serving/{name}"',
-                  '    model_platform: "tensorflow"', "  }"]
-    lines.append("}")
-    tmp = root / "models.config.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, root / "models.config")

@@ -13,6 +13,7 @@ version whose directory disappears keeps serving from memory, with a WARNING.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
@@ -29,6 +30,7 @@ import pandas as pd
 import tensorflow as tf
 
 from serving import contract as c
+from serving.batching import Batcher, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +105,6 @@ class VersionPolicy:
         return "latest" if self.pinned is None else str(self.pinned)
 
 
-def _strings(values: list[str]) -> tf.Tensor:
-    """One request row [1, n]; an empty row becomes [""] (padding) so every shape is non-empty."""
-    return tf.constant([values or [""]], tf.string)
-
-
 @dataclass
 class ServingModel:
     """One loaded version: the SavedModel signatures plus the precomputed lookup tables."""
@@ -119,19 +116,24 @@ class ServingModel:
     titles: dict[str, str]  # item_id -> text, every catalog item
     popular: list[tuple[str, float]]  # most popular first: (item_id, train count)
     histories: dict[str, tuple[list[str], list[str]]]  # user_id -> (history, event_types)
+    # Stored users whose history names ids outside the catalog (none in a real export): only
+    # these need the per-request filtering a posted history gets.
+    unclean_histories: frozenset[str]
     embedding_ids: np.ndarray  # [items] str
     unit_embeddings: np.ndarray  # [items, dim] float32, L2-normalised
     embedding_row: dict[str, int]
     retrieval: dict[str, Callable]
     ranking: dict[str, Callable]
     saved_models: tuple  # the loaded roots, held so their variables live as long as signatures
+    batcher: Batcher | None = None  # the store's; None: each call runs on the caller's thread
 
     @property
     def k(self) -> int:
         return int(self.metadata["k"])
 
     @classmethod
-    def load(cls, path: Path, version: int, index: str) -> ServingModel:
+    def load(cls, path: Path, version: int, index: str,
+             batcher: Batcher | None = None) -> ServingModel:
         """Read and check everything a version needs, then warm every signature up once."""
         started = time.time()
         try:
@@ -164,16 +166,19 @@ class ServingModel:
         matrix = np.stack(vectors["embedding"].to_numpy()).astype(np.float32)  # [items, dim]
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
         embedding_ids = vectors["item_id"].astype(str).to_numpy()
+        titles = dict(zip(ids.tolist(), texts.tolist(), strict=True))
+        histories = {str(u): ([str(x) for x in h], [str(x) for x in e])
+                     for u, h, e in zip(users["user_id"], users["history"],
+                                        users["event_types"], strict=True)}
         model = cls(
             version=version, path=path, index=index, metadata=metadata,
-            titles=dict(zip(ids.tolist(), texts.tolist(), strict=True)),
-            popular=[(str(ids[i]), float(counts[i])) for i in order],
-            histories={str(u): ([str(x) for x in h], [str(x) for x in e])
-                       for u, h, e in zip(users["user_id"], users["history"],
-                                          users["event_types"], strict=True)},
+            titles=titles, popular=[(str(ids[i]), float(counts[i])) for i in order],
+            histories=histories,
+            unclean_histories=frozenset(u for u, (h, _) in histories.items()
+                                        if not all(x in titles for x in h)),
             embedding_ids=embedding_ids, unit_embeddings=matrix / np.maximum(norms, 1e-12),
             embedding_row={item: row for row, item in enumerate(embedding_ids.tolist())},
-            retrieval=retrieval, ranking=ranking, saved_models=saved_models)
+            retrieval=retrieval, ranking=ranking, saved_models=saved_models, batcher=batcher)
         model.warm_up()
         log.info("loaded model version %d from %s (index %s, %d items, %d users) in %.1fs",
                  version, path, index, len(ids), len(model.histories), time.time() - started)
@@ -194,45 +199,86 @@ class ServingModel:
             raise VersionLoadError(f"warm-up failed: {error}") from error
         self.similar(first, 1)
 
-    def _call(self, signature: Callable, **inputs: list[str]) -> dict[str, np.ndarray]:
-        """Run one signature on a single-row batch; any failure becomes a ModelError."""
-        try:
-            out = signature(**{name: _strings(values) for name, values in inputs.items()})
-            return {name: value.numpy()[0] for name, value in out.items()}
-        except (tf.errors.OpError, ValueError, TypeError) as error:
-            log.exception("model version %d failed on %s", self.version,
-                          {name: len(values) for name, values in inputs.items()})
-            message = str(error).splitlines()[0][:300] if str(error) else ""
-            raise ModelError(f"model version {self.version} failed: {type(error).__name__}: "
-                             f"{message}") from error
+    def _call(self, signature: Callable, **inputs: list[str]) -> Future:
+        """Run a signature for one request (through the batcher when there is one); the Future
+        gives {output: row} or raises ModelError."""
+        if self.batcher is not None:
+            raw = self.batcher.submit(signature, inputs)
+        else:
+            raw = Future()
+            try:
+                raw.set_result(run_batch(signature, [inputs])[0])
+            except BaseException as error:
+                raw.set_exception(error)
+        done: Future = Future()
+
+        def finish(source: Future) -> None:
+            error = source.exception()
+            if error is None:
+                done.set_result(source.result())
+            elif isinstance(error, (tf.errors.OpError, ValueError, TypeError)):
+                log.error("model version %d failed on %s: %s", self.version,
+                          {name: len(values) for name, values in inputs.items()}, error)
+                message = str(error).splitlines()[0][:300] if str(error) else ""
+                done.set_exception(ModelError(
+                    f"model version {self.version} failed: {type(error).__name__}: {message}"))
+            else:
+                done.set_exception(error)
+
+        raw.add_done_callback(finish)
+        return done
+
+    def _retrieve_call(self, history: list[str], event_types: list[str] | None,
+                       exclude_seen: bool) -> Future:
+        used = event_types is not None
+        signature = self.retrieval[c.retrieval_signature(exclude_seen, used)]
+        if used:
+            return self._call(signature, history=history, event_types=event_types)
+        return self._call(signature, history=history)
+
+    @staticmethod
+    def _found(out: dict[str, np.ndarray]) -> list[tuple[str, float]]:
+        pairs = zip(out[c.ITEM_IDS], out[c.SCORES], strict=True)
+        return [(item.decode(), float(score)) for item, score in pairs if c.is_filled(score)]
 
     def retrieve(self, history: list[str], event_types: list[str] | None,
                  exclude_seen: bool) -> tuple[list[tuple[str, float]], bool]:
         """Top metadata-k (item_id, score) for a history, best first, and whether event types
         were used."""
-        used = event_types is not None
-        signature = self.retrieval[c.retrieval_signature(exclude_seen, used)]
-        if used:
-            out = self._call(signature, history=history, event_types=event_types)
-        else:
-            out = self._call(signature, history=history)
-        pairs = zip(out[c.ITEM_IDS], out[c.SCORES], strict=True)
-        found = [(item.decode(), float(score)) for item, score in pairs if c.is_filled(score)]
-        return found, used
+        out = self._retrieve_call(history, event_types, exclude_seen).result()
+        return self._found(out), event_types is not None
 
-    def rank(self, history: list[str], event_types: list[str] | None,
-             candidates: list[str]) -> tuple[list[tuple[str, float]], list[str]]:
-        """(known candidates with ranking-head scores best first, unknown candidates)."""
+    async def retrieve_async(self, history: list[str], event_types: list[str] | None,
+                             exclude_seen: bool) -> tuple[list[tuple[str, float]], bool]:
+        """retrieve() for the event loop: waiting holds no thread."""
+        out = await asyncio.wrap_future(self._retrieve_call(history, event_types, exclude_seen))
+        return self._found(out), event_types is not None
+
+    def _rank_call(self, history: list[str], event_types: list[str] | None,
+                   candidates: list[str]) -> Future:
         signature = self.ranking[c.ranking_signature(event_types is not None)]
         if event_types is not None:
-            out = self._call(signature, history=history, event_types=event_types,
-                             candidates=candidates)
-        else:
-            out = self._call(signature, history=history, candidates=candidates)
+            return self._call(signature, history=history, event_types=event_types,
+                              candidates=candidates)
+        return self._call(signature, history=history, candidates=candidates)
+
+    @staticmethod
+    def _ranked(candidates: list[str], out: dict[str, np.ndarray]):
         rows = list(zip(candidates, out[c.SCORES].tolist(), out[c.KNOWN].tolist(), strict=True))
         scored = [(item, score) for item, score, known in rows if known]
         unknown = [item for item, _, known in rows if not known]
         return sorted(scored, key=lambda pair: -pair[1]), unknown
+
+    def rank(self, history: list[str], event_types: list[str] | None,
+             candidates: list[str]) -> tuple[list[tuple[str, float]], list[str]]:
+        """(known candidates with ranking-head scores best first, unknown candidates)."""
+        return self._ranked(candidates,
+                            self._rank_call(history, event_types, candidates).result())
+
+    async def rank_async(self, history: list[str], event_types: list[str] | None,
+                         candidates: list[str]) -> tuple[list[tuple[str, float]], list[str]]:
+        out = await asyncio.wrap_future(self._rank_call(history, event_types, candidates))
+        return self._ranked(candidates, out)
 
     def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
         """Nearest items by cosine of item-tower vectors, the item itself excluded; None if the
@@ -284,6 +330,7 @@ class ModelStore:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self._inflight: Future | None = None
         self._inflight_lock = threading.Lock()
+        self._batcher = Batcher()  # every model call of every version goes through it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -358,7 +405,7 @@ class ModelStore:
                 continue
             started = time.time()
             try:
-                model = ServingModel.load(path, version, self.index)
+                model = ServingModel.load(path, version, self.index, self._batcher)
             except Exception as error:  # any broken file: refuse it, keep serving
                 reason = f"{type(error).__name__}: {error}"[:500]
                 self._failed[version] = (stamp, reason)
@@ -406,6 +453,7 @@ class ModelStore:
         if self._thread is not None:
             self._thread.join(timeout=60)
             self._thread = None
+        self._batcher.stop()
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_seconds):

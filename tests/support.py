@@ -89,3 +89,16 @@ def train_tiny(workdir: Path, user_tower: str = "sasrec", epochs: int = 2,
     if export:
         export_run(run_dir, export_dir)
     return run_dir, export_dir, metrics
+
+
+def op_types(saved_model_dir: Path) -> set[str]:
+    """Every op a SavedModel's graph uses, its functions' included."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((saved_model_dir / "saved_model.pb").read_bytes())
+    graph = proto.meta_graphs[0].graph_def
+    ops = {node.op for node in graph.node}
+    for function in graph.library.function:
+        ops |= {node.op for node in function.node_def}
+    return ops

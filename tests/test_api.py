@@ -316,7 +316,12 @@ def test_concurrent_requests_match_sequential(client):
     with ThreadPoolExecutor(8) as pool:
         concurrent = list(pool.map(call, requests))
     assert all(status == 200 for status, _ in concurrent)
-    assert concurrent == sequential
+    # Concurrent requests share model batches: the same answers, scores up to float rounding.
+    for (_, alone), (_, together) in zip(sequential, concurrent, strict=True):
+        key = "recommendations" if "recommendations" in alone else "similar"
+        assert [r["item_id"] for r in alone[key]] == [r["item_id"] for r in together[key]]
+        assert np.allclose([r["score"] for r in alone[key]],
+                           [r["score"] for r in together[key]], atol=1e-4)
 
 
 def test_no_model_yet_then_admin_reload(version1, tmp_path):

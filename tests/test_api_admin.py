@@ -37,11 +37,11 @@ def test_reloads_are_single_flight_and_never_stall_requests(version1, tmp_path, 
     app = create_app(tmp_path, "bruteforce", poll_seconds=0, admin_token=TOKEN)
     real_load, loads = model_store.ServingModel.load, []
 
-    def slow_load(path, version, index):
+    def slow_load(path, version, index, batcher=None):
         loads.append(version)
         if version == 2:
             time.sleep(2.0)
-        return real_load(path, version, index)
+        return real_load(path, version, index, batcher)
 
     monkeypatch.setattr(model_store.ServingModel, "load", staticmethod(slow_load))
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from support import op_types as _op_types
 
 import serving.export as export
 from serving.contract import UNFILLED_SCORE
@@ -189,18 +190,6 @@ def test_reexport_makes_next_version(tiny_export, tmp_path):
     first = export.export_run(run_dir, out)
     second = export.export_run(run_dir, out)
     assert (first.name, second.name) == ("1", "2")
-
-
-def _op_types(saved_model_dir: Path) -> set[str]:
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    proto = saved_model_pb2.SavedModel()
-    proto.ParseFromString((saved_model_dir / "saved_model.pb").read_bytes())
-    graph = proto.meta_graphs[0].graph_def
-    ops = {node.op for node in graph.node}
-    for function in graph.library.function:
-        ops |= {node.op for node in function.node_def}
-    return ops
 
 
 def test_only_the_scann_model_needs_custom_ops(restored):
