@@ -41,6 +41,10 @@ CONFIGS = {
     "ablate-last-window": [*REFERENCE, "--train-windows", "last"],
     "ablate-projection": [*REFERENCE, "--user-projection", "true"],
     "ablate-pre-ln": [*REFERENCE, "--sasrec-layout", "pre_ln", "--adam-beta2", "0.999"],
+    # The reference with a sampled softmax (1,024 uniform negatives + in-batch, log-Q), with
+    # dense Adam and with LazyAdam (row-sparse table updates).
+    "reference-sampled-adam": [*REFERENCE, "--negatives", "sampled", "--optimizer", "adam"],
+    "reference-sampled-lazy": [*REFERENCE, "--negatives", "sampled", "--optimizer", "lazy_adam"],
 }
 DEFAULT_CONFIGS = ["sasrec", "gru", "sasrec-reference"]
 

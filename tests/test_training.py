@@ -112,7 +112,7 @@ def test_sampled_softmax_and_cold_items(tmp_path):
     _, _, metrics = train_tiny(tmp_path, epochs=2, text_model="tiny", export=False,
                                negatives="sampled", num_negatives=8, cold_items=0.25,
                                test_users=40)
-    assert metrics["retrieval_mode"] == "sampled"
+    assert metrics["retrieval_mode"] == "sampled" and metrics["optimizer"] == "lazy_adam"
     assert metrics["test"]["users"] == metrics["popularity_test"]["users"] == 40
     assert metrics["cold_items"] == 6
     assert np.isfinite(metrics["cold_test"]["ndcg@10"])

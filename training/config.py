@@ -46,6 +46,7 @@ class TrainConfig:
     batch_size: int = 128
     train_windows: str = "all"  # all (every train event a target) | last (one window per user)
     bucket_batches: int = 32  # sort windows by length within groups of this many batches; 0 = off
+    optimizer: str = "auto"  # auto (lazy_adam with sampled softmax, else adam) | adam | lazy_adam
     lr: float = 1e-3
     adam_beta2: float = 0.98  # as SASRec's authors train
     patience: int = 10  # epochs without valid NDCG@10 improvement before stopping
@@ -72,6 +73,7 @@ class TrainConfig:
                    "train_windows": ("last", "all"), "negatives": ("auto", "full", "sampled"),
                    "ranking_target": ("auto", "rating", "purchase", "none"),
                    "mixed_precision": ("auto", "on", "off"),
+                   "optimizer": ("auto", "adam", "lazy_adam"),
                    "distribute": ("auto", "mirrored", "multiworker", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

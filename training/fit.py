@@ -34,15 +34,6 @@ def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def make_optimizer(config: TrainConfig) -> tf.keras.optimizers.Optimizer:
-    """Adam (SASRec's beta2 by default), loss-scaled under mixed precision. Call it inside
-    the strategy scope."""
-    optimizer = tf.keras.optimizers.Adam(config.lr, beta_2=config.adam_beta2)
-    if tf.keras.mixed_precision.global_policy().name == "mixed_float16":
-        optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
-    return optimizer
-
-
 def device_name() -> str:
     gpus = tf.config.list_physical_devices("GPU")
     return f"{len(gpus)} GPU(s)" if gpus else f"CPU ({os.cpu_count()} cores)"

@@ -16,7 +16,8 @@ from towers.model import TwoTowerModel
 from training.config import TrainConfig
 from training.data import load_training_data, model_spec, write_run_tables
 from training.features import install_features
-from training.fit import device_name, fit, make_optimizer, make_strategy
+from training.fit import device_name, fit, make_strategy
+from training.optimizers import make_optimizer, resolve_optimizer
 from training.report import write_report
 from training.scoring import UserScorer, ValidationCallback, score_test_split, subset
 from training.sequences import eval_set
@@ -50,12 +51,13 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     spec.save(run_dir / run_files.SPEC)
     write_run_tables(run_dir, data)
     use_events = spec.num_event_types > 0
+    optimizer = resolve_optimizer(config.optimizer, spec.retrieval_mode)
 
     with strategy.scope():
         model = TwoTowerModel.from_spec(spec, data.positions_per_batch(config))
         install_features(model, features, data.popularity, spec.text_pooling,
                          spec.finetune_layers)
-        model.compile(optimizer=make_optimizer(config))
+        model.compile(optimizer=make_optimizer(optimizer, config.lr, config.adam_beta2))
 
     valid = eval_set(seqs, "valid", config.max_seq_len)
     checkpoint = run_dir / run_files.CHECKPOINT
@@ -64,9 +66,9 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
                                     seqs.num_items, checkpoint, data.positions,
                                     subset(len(valid.target), config.valid_users, config.seed))
     log.info("training %s tower on %s sequences, %s positions/epoch, %s items (%s softmax, "
-             "ranking: %s) on %s", config.user_tower, f"{len(data.windows['history']):,}",
+             "ranking: %s, %s) on %s", config.user_tower, f"{len(data.windows['history']):,}",
              f"{data.positions:,}", f"{seqs.num_items:,}", spec.retrieval_mode,
-             spec.ranking_mode, device_name())
+             spec.ranking_mode, optimizer, device_name())
     fit(model, data.windows, config, run_dir, validation, use_events)
 
     # The test split is scored once, with the checkpoint chosen on validation.
@@ -86,7 +88,7 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
         "positions_per_second": data.positions / float(np.median(epoch_times)),
         "text_encoder": spec.text_source, "texts_encoded": features.texts_encoded,
         "retrieval_mode": spec.retrieval_mode, "ranking_mode": spec.ranking_mode,
-        "sampled_negatives": config.sampled_negatives,
+        "optimizer": optimizer, "sampled_negatives": config.sampled_negatives,
         "sampled_metrics_note": f"sampled_* rank the target among {config.sampled_negatives} "
                                 "random unseen items"})
     write_report(run_dir, results, {
