@@ -4,9 +4,9 @@ and recall@10 against exact search, for synthetic catalogs of 100K and 1M items.
     python bench/bench_index.py [--sizes 100000,1000000] [--dims 64,128]
 
 Item vectors are clustered (like trained item embeddings, unlike i.i.d. noise); queries are
-drawn near the clusters. ScaNN parameters are the export defaults for the catalog size,
-with leaves searched and candidates re-scored raised until recall@10 >= 0.95, exactly as
-`train.py export` does ("build s" includes those rounds and their recall checks).
+drawn near the clusters. The index is built and tuned exactly as `train.py export` does
+(serving/scann_index.py: the fastest leaves-searched / re-scored pair that reaches recall@10 >=
+0.95, found by search-time settings on one tree); "build s" includes the tuning.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import tfenv  # noqa: E402,F401  (TF settings before TensorFlow loads)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from serving.export import ScannParams, recall_at_k, tuned_scann  # noqa: E402
+from serving.scann_index import ScannIndex, ScannParams, Tuner, tune  # noqa: E402
 
 K = 10
 
@@ -85,18 +85,19 @@ def main() -> int:
                 return tf.math.top_k(tf.matmul(q, items_tf, transpose_b=True), K)
 
             exact = exact_top_k(items_tf, queries, K) + 1  # ScaNN identifiers are 1-based
-            params = ScannParams.for_catalog(n, K)
             padded = np.concatenate([np.zeros((1, dim), np.float32), items])
-            def recall_of(index, queries=queries, exact=exact):
-                found = np.concatenate([index(queries[s:s + 256])[1].numpy()
-                                        for s in range(0, len(queries), 256)])
-                return recall_at_k(found, exact, K), index
-
             start = time.perf_counter()
-            index, params, recall = tuned_scann(padded, K, params, recall_of)
-            build = time.perf_counter() - start  # includes the recall checks of each round
+            index = ScannIndex(padded, K, ScannParams.for_catalog(n, K))
+            no_history = [np.zeros(0, np.int32)] * len(queries)
+            params, recall, curve = tune(Tuner(index, queries, no_history, exact, K, K),
+                                         index.params)
+            index.leaves_to_search, index.reorder = params.leaves_to_search, params.reorder
+            build = time.perf_counter() - start  # the tree, plus every tuning point measured
+            print("  tuning curve (leaves, reorder, recall@10, ms): " + ", ".join(
+                f"({e['leaves_to_search']}, {e['reorder']}, {e['recall@10']:.3f}, "
+                f"{e['ms_per_query']:.2f})" for e in curve), flush=True)
             # Both searches run as graphs, as they do inside the exported SavedModels.
-            scann = tf.function(index.__call__,
+            scann = tf.function(lambda q, index=index: index(q, K),
                                 input_signature=[tf.TensorSpec([None, dim], tf.float32)])
             brute_ms = median_latency_ms(brute, queries, args.repeats)
             scann_ms = median_latency_ms(scann, queries, args.repeats)

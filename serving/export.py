@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -22,7 +21,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ import tensorflow as tf
 import yaml
 
 from serving import contract as c
+from serving.scann_index import ScannIndex, ScannParams, Tuner, exact_top, recall_at_k, tune
 from serving.signatures import (
     BruteForceRetrieval,
     ItemLookup,
@@ -46,26 +45,7 @@ from towers.run_dir import package_versions
 log = logging.getLogger(__name__)
 
 SCANN_NAMESPACE = ["Scann"]
-MIN_RECALL = 0.95
 RECALL_USERS = 2000  # users whose histories measure the index's recall@10
-
-
-@dataclass
-class ScannParams:
-    num_leaves: int
-    leaves_to_search: int
-    reorder: int
-
-    @classmethod
-    def for_catalog(cls, num_items: int, fetch: int, num_leaves: int = 0,
-                    leaves_to_search: int = 0, reorder: int = 0) -> ScannParams:
-        """Defaults from the catalog size (about sqrt(N) leaves, 10% searched; every fetched
-        candidate re-scored exactly) for the settings given as 0."""
-        leaves = num_leaves or int(min(max(round(math.sqrt(num_items)), 2), 4000))
-        leaves = min(leaves, max(num_items // 2, 1))
-        search = leaves_to_search or max(leaves // 10, min(leaves, 8))
-        reorder = reorder or max(fetch, 250)
-        return cls(leaves, min(search, leaves), reorder)
 
 
 @contextmanager
@@ -90,52 +70,6 @@ def _native_log_captured() -> Iterator[None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-
-
-def scann_index(item_vectors: np.ndarray, k: int, params: ScannParams) -> tf.keras.layers.Layer:
-    """A tfrs ScaNN layer over items 1..N (identifiers = item_idx), called once so it saves."""
-    import tensorflow_recommenders as tfrs
-
-    num_items = len(item_vectors) - 1
-    layer = tfrs.layers.factorized_top_k.ScaNN(
-        k=min(k, num_items), num_leaves=params.num_leaves,
-        num_leaves_to_search=params.leaves_to_search,
-        num_reordering_candidates=max(params.reorder, k), dimensions_per_block=2)
-    with _native_log_captured():
-        layer.index(tf.constant(item_vectors[1:], tf.float32),
-                    tf.range(1, num_items + 1, dtype=tf.int32))
-        layer(tf.zeros([1, item_vectors.shape[1]], tf.float32))  # build before saving
-    return layer
-
-
-MAX_REORDER = 8192
-
-
-def tuned_scann(item_vectors: np.ndarray, fetch: int, params: ScannParams, recall_of):
-    """Build the index, then raise the leaves searched and the candidates re-scored until
-    `recall_of(index)` -> (recall, result) reaches MIN_RECALL or both are at their maximum.
-
-    Returns (result, final params, recall).
-    """
-    while True:
-        recall, result = recall_of(scann_index(item_vectors, fetch, params))
-        log.info("ScaNN %s: recall@10 %.4f", params, recall)
-        if recall >= MIN_RECALL or (params.leaves_to_search >= params.num_leaves
-                                    and params.reorder >= MAX_REORDER):
-            return result, params, recall
-        # Steps of 1.5x: large enough to converge in a few rounds, small enough not to
-        # overshoot the recall target by much (every extra leaf costs query time).
-        params.leaves_to_search = min(params.num_leaves,
-                                      max(params.leaves_to_search + 1,
-                                          int(params.leaves_to_search * 1.5)))
-        params.reorder = min(MAX_REORDER, int(params.reorder * 1.5))
-
-
-def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = 10) -> float:
-    """Mean share of the exact top-k found in the approximate top-k."""
-    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist())) / k
-            for a, e in zip(approx_ids, exact_ids)]
-    return float(np.mean(hits)) if hits else 1.0
 
 
 def next_version(export_dir: Path) -> int:
@@ -187,19 +121,29 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
     params = ScannParams.for_catalog(spec.num_items, max_fetch, settings["scann_num_leaves"],
                                      settings["scann_leaves_to_search"],
                                      settings["scann_reorder"])
+    started_index = time.time()
+    with _native_log_captured():
+        index = ScannIndex(item_vectors, max_fetch, params)
+    build_seconds = time.time() - started_index
 
-    # Accuracy of the index: recall@10 against brute force over (a sample of) users.
+    # Tune the search on (a sample of) users' histories as the API sends them, against exact
+    # search with the same exclusion of seen items.
     queries = tf.constant(_recall_queries(histories, spec.max_seq_len).astype(str))
+    users, history_idx = brute.user_vectors(queries, None)
+    seen = [row[row > 0] for row in history_idx.numpy()]
+    tuner = Tuner(index, users.numpy(), seen, exact_top(users.numpy(), item_vectors, seen),
+                  k, max_fetch)
+    params, tuned_recall, curve = tune(tuner, params, settings["scann_leaves_to_search"],
+                                       settings["scann_reorder"])
+    index.leaves_to_search, index.reorder = params.leaves_to_search, params.reorder
+    scann = ScannRetrieval(k=k, index=index, max_fetch=max_fetch, **base)
+    # The exported signature end to end, against the brute-force model's.
     exact = brute.top_k(queries, None, True)[c.ITEM_IDS].numpy()
-
-    def recall_of(index):
-        scann = ScannRetrieval(k=k, index=index, max_fetch=max_fetch, **base)
-        return recall_at_k(scann.top_k(queries, None, True)[c.ITEM_IDS].numpy(), exact), scann
-
-    scann, params, recall = tuned_scann(item_vectors, max_fetch, params, recall_of)
+    recall = recall_at_k(scann.top_k(queries, None, True)[c.ITEM_IDS].numpy(), exact)
     log.info("ScaNN recall@10 vs brute force (%d users): %.4f (leaves %d, search %d, "
-             "reorder %d)", len(queries), recall, params.num_leaves, params.leaves_to_search,
-             params.reorder)
+             "reorder %d; built in %.1fs, tuned in %.1fs)", len(queries), recall,
+             params.num_leaves, params.leaves_to_search, params.reorder, build_seconds,
+             time.time() - started_index - build_seconds)
     ranker = Ranker(ranking_head=model.ranking_head, **base)
 
     export_dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +178,9 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
             "event_types": spec.event_vocab,
             "default_event_type": spec.event_type_of_requests,
             "scann": {**params.__dict__, "max_fetch": max_fetch,
-                      "recall@10_vs_bruteforce": recall, "recall_users": int(len(queries))},
+                      "recall@10_vs_bruteforce": recall, "recall_users": int(len(queries)),
+                      "tuning_recall@10": tuned_recall, "build_seconds": round(build_seconds, 2),
+                      "tuning_curve": curve},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": package_versions()}
         (tmp / c.METADATA).write_text(json.dumps(metadata, indent=2, default=str))
