@@ -2,13 +2,16 @@
 
 `train.py --data DIR --out DIR [flags]` trains a run (runs/NAME-TIMESTAMP), prints its test
 summary and exports it as saved_model/NAME/VERSION; `train.py export --run RUN_DIR` exports a
-finished run again, from the run directory alone.
+finished run again, from the run directory alone. With `--distribute multiworker` every
+worker runs the same command; with `--distribute parameter_server` so do the chief, the workers
+and the ps tasks (TF_CONFIG says which is which; workers and ps tasks serve until stopped).
 """
 
 import sys
 from pathlib import Path
 
 from training import cli  # noqa: I001  (imports tfenv; TensorFlow itself loads later)
+from training.cluster import cluster_task, serve
 from training.config import config_from_args
 
 
@@ -24,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args = cli.train_parser().parse_args(argv)
         config = config_from_args(args)
+        task = cluster_task(config)  # TF_CONFIG, with --distribute multiworker|parameter_server
+        if task.serves:  # a parameter-server cluster's worker or ps: serve until stopped
+            serve(task)
+            return 0
         if not Path(args.data).is_dir():
             raise ValueError(f"--data {args.data}: no such directory (run prepare_data.py)")
         from serving.export import export_run
@@ -32,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
         run_dir = cli.run_dir_for(args.runs_dir, args.out)
         results = train(config, args.data, run_dir, export_dir=Path(args.out))
+        if not task.is_chief:
+            print(f"{task.task_type} {task.task_index} done; the chief wrote the run directory")
+            return 0
         print("\n".join(summary_lines(results)), flush=True)
         if config.export:
             export_run(run_dir, Path(args.out))

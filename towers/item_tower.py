@@ -3,7 +3,8 @@
 Item features (text vectors or token ids, category, brand, price bucket, which items were seen
 in training) live in non-trainable tables indexed by item_idx, filled once by `set_item_features`.
 Items never seen in training (cold items) get no id embedding, only text and metadata: that is
-what the text tower is for.
+what the text tower is for. The tables may be ShardedVariables (parameter-server training):
+rows are read with `tf.nn.embedding_lookup`, see `rows`.
 """
 
 from __future__ import annotations
@@ -95,24 +96,24 @@ class ItemTower(tf.keras.layers.Layer):
         if self.text_tokens and self.text_encoder is not None:
             # Encode each distinct item once per call, then scatter back.
             unique, position = tf.unique(flat_ids)
-            tokens = tf.gather(self.token_table, unique)  # [u, tokens]
+            tokens = rows(self.token_table, unique)  # [u, tokens]
             mask = tf.cast(tokens != 0, tf.int32)
             hidden = self.text_encoder(input_ids=tokens, attention_mask=mask,
                                        training=False).last_hidden_state
             pooled = pool_hidden_states(hidden, mask, self.pooling)  # [u, hidden]
             return tf.gather(tf.math.l2_normalize(pooled, axis=-1), position)
-        return tf.gather(self.text_table, flat_ids)
+        return rows(self.text_table, flat_ids)
 
     def call(self, item_idx: tf.Tensor) -> tf.Tensor:
         shape = tf.shape(item_idx)
         ids = tf.reshape(tf.cast(item_idx, tf.int32), [-1])  # [n]
-        seen = tf.gather(self.seen_in_training, ids)[:, None]  # [n, 1]
-        vectors = tf.gather(self.id_embedding, ids) * seen  # [n, dim]
+        seen = rows(self.seen_in_training, ids)[:, None]  # [n, 1]
+        vectors = rows(self.id_embedding, ids) * seen  # [n, dim]
         if self.text_dim:
             text = tf.cast(self.text_vectors(ids), self.compute_dtype)
             vectors += tf.cast(self.text_projection(text), vectors.dtype)
         for table, embedding in self.meta_tables.values():
-            vectors += tf.gather(embedding, tf.gather(table, ids))
+            vectors += rows(embedding, rows(table, ids))
         vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
         return tf.reshape(vectors, tf.concat([shape, [self.dim]], axis=0))  # [..., dim]
 
@@ -121,6 +122,14 @@ class ItemTower(tf.keras.layers.Layer):
                 "text_dim": self.text_dim, "num_categories": self.num_categories,
                 "num_brands": self.num_brands, "num_price_buckets": self.num_price_buckets,
                 "text_tokens": self.text_tokens}
+
+
+def rows(table: tf.Variable, ids: tf.Tensor) -> tf.Tensor:
+    """table[ids]. A ShardedVariable's `tf.gather` (its sparse_read) returns the rows grouped
+    by shard, not in the order of `ids` (TensorFlow 2.20; tests/test_distributed.py pins it);
+    `tf.nn.embedding_lookup` looks up each shard's rows where they live and puts them back in
+    order. On a plain variable it is the same gather."""
+    return tf.nn.embedding_lookup(table, ids)
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:

@@ -162,10 +162,12 @@ class TwoTowerModel(tfrs.models.Model):
             retrieval_loss = self.retrieval(queries, target_ids, all_items)
             target_vectors = tf.gather(all_items, target_ids)
         else:
-            pool, target_index = self.retrieval.candidate_pool(target_ids)
+            # Other replicas' targets are in the pool as ids: their vectors are computed here,
+            # so this replica's gradient reaches their rows too.
+            pool, target_index, draws = self.retrieval.candidate_pool(target_ids)
             pool_vectors = self.item_tower(pool)  # [c, dim]
             retrieval_loss = self.retrieval(queries, target_ids, pool_vectors, pool,
-                                            target_index)
+                                            target_index, draws)
             target_vectors = tf.gather(pool_vectors, target_index)
         loss = self.retrieval_weight * retrieval_loss
         if self.ranking_mode != "none":
@@ -174,8 +176,10 @@ class TwoTowerModel(tfrs.models.Model):
         if training and self.positions_per_batch:
             # Batches of similar-length windows hold very different numbers of positions;
             # scaling each batch's mean by its share keeps every position's weight the same
-            # as in randomly mixed batches.
-            loss *= tf.cast(tf.shape(target_ids)[0], loss.dtype) / self.positions_per_batch
+            # as in randomly mixed batches. A replica holds 1/replicas of the batch.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            loss *= tf.cast(tf.shape(target_ids)[0], loss.dtype) / (
+                self.positions_per_batch / replicas)
         return loss
 
     def _ranking_loss(self, features, has_target, queries, target_vectors, training):

@@ -48,20 +48,37 @@ class NextItemRetrieval(tf.keras.layers.Layer):
                                           initializer="zeros", trainable=False)
         super().build(input_shape)
 
-    def candidate_pool(self, target_ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Sampled mode: (candidate ids [c], index of each target in them [positions])."""
-        distinct, target_index = tf.unique(target_ids)
+    def candidate_pool(self, target_ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Sampled mode: (candidate ids [c], index of each target in them [positions], number of
+        in-batch draws for the log-Q correction).
+
+        The in-batch candidates are the distinct targets of every replica in sync (gathered
+        from the others under a multi-replica strategy, so more replicas means more negatives),
+        then `num_negatives` uniform draws of this replica.
+        """
+        replica = tf.distribute.get_replica_context()
+        if replica is None or replica.num_replicas_in_sync == 1:
+            distinct, target_index = tf.unique(target_ids)
+            draws = tf.shape(target_ids)[0]
+        else:
+            every = replica.all_gather(target_ids, axis=0)  # [positions of all replicas]
+            # This replica's targets first: tf.unique keeps first occurrences in order, so the
+            # first `positions` indices are the columns of this replica's targets.
+            distinct, index = tf.unique(tf.concat([target_ids, every], axis=0))
+            target_index = index[:tf.shape(target_ids)[0]]
+            draws = tf.shape(every)[0]
         negatives = tf.random.uniform([self.num_negatives], 1, self.num_items + 1, tf.int32)
-        return tf.concat([distinct, negatives], axis=0), target_index
+        return tf.concat([distinct, negatives], axis=0), target_index, draws
 
     def call(self, queries: tf.Tensor, target_ids: tf.Tensor, candidates: tf.Tensor,
-             candidate_ids: tf.Tensor | None = None,
-             target_index: tf.Tensor | None = None) -> tf.Tensor:
+             candidate_ids: tf.Tensor | None = None, target_index: tf.Tensor | None = None,
+             draws: tf.Tensor | None = None) -> tf.Tensor:
         """Mean loss over positions.
 
         queries [positions, dim]; target_ids [positions]. Full mode: candidates are all items
         [num_items + 1, dim] (row 0 padding). Sampled mode: candidates [c, dim] for
-        `candidate_ids` [c] from `candidate_pool`, `target_index` the label column per position.
+        `candidate_ids` [c] from `candidate_pool`, `target_index` the label column per position,
+        `draws` the in-batch draws (default: the positions).
         """
         queries = tf.cast(queries, tf.float32)
         if self.mode == "full":
@@ -75,9 +92,9 @@ class NextItemRetrieval(tf.keras.layers.Layer):
         labels = tf.one_hot(target_index, tf.shape(candidate_ids)[0])  # [positions, c]
         logits = self.remove_accidental_hits(labels, logits, candidate_ids)
         if self.logq_correction:
-            q = mixed_sampling_probability(candidate_ids, self.popularity,
-                                           tf.shape(target_ids)[0], self.num_negatives,
-                                           self.num_items)
+            draws = tf.shape(target_ids)[0] if draws is None else draws
+            q = mixed_sampling_probability(candidate_ids, self.popularity, draws,
+                                           self.num_negatives, self.num_items)
             logits = self.logq(logits, q[None, :])
         losses = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
         return tf.reduce_mean(losses)

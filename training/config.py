@@ -53,7 +53,10 @@ class TrainConfig:
     time_budget_minutes: float = 0.0  # 0 = no budget
     seed: int = 42
     mixed_precision: str = "auto"  # auto (on with a GPU) | on | off
-    distribute: str = "auto"  # auto (mirrored with >1 GPU) | mirrored | multiworker | none
+    # auto (mirrored with >1 GPU) | mirrored | multiworker | parameter_server | none; the last
+    # two read the cluster from TF_CONFIG (training/cluster.py)
+    distribute: str = "auto"
+    ps_shards: int = 0  # parameter_server: shards of each item table (0 = one per ps task)
     # evaluation
     valid_users: int = 0  # 0 = all users; else a fixed random subset for per-epoch validation
     test_users: int = 0  # 0 = all users (the protocol); else a fixed random subset, reported
@@ -74,7 +77,8 @@ class TrainConfig:
                    "ranking_target": ("auto", "rating", "purchase", "none"),
                    "mixed_precision": ("auto", "on", "off"),
                    "optimizer": ("auto", "adam", "lazy_adam"),
-                   "distribute": ("auto", "mirrored", "multiworker", "none")}
+                   "distribute": ("auto", "mirrored", "multiworker", "parameter_server",
+                                  "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config {name}={getattr(self, name)!r}: expected one of "
@@ -87,6 +91,11 @@ class TrainConfig:
                              f"num_heads={self.num_heads}")
         if not 0.0 <= self.cold_items < 1.0:
             raise ValueError(f"config cold_items must be in [0, 1), got {self.cold_items}")
+        if self.ps_shards < 0:
+            raise ValueError(f"config ps_shards must be >= 0, got {self.ps_shards}")
+        if self.distribute == "parameter_server" and self.text_mode == "finetune":
+            raise ValueError("distribute=parameter_server needs text_mode=frozen (fine-tuning "
+                             "the text encoder on parameter servers is not supported)")
         if self.text_mode == "finetune" and self.negatives == "full":
             raise ValueError("text_mode=finetune needs negatives=sampled (full softmax would "
                              "run the text encoder over the whole catalog every step)")

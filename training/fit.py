@@ -1,9 +1,11 @@
-"""The training loop's pieces: distribution strategy and precision, optimizer, the batched
-dataset of training windows, and Keras `fit` with validation callbacks."""
+"""The training loop's pieces: distribution strategy and precision, the batched dataset of
+training windows (a generator on one machine, a per-worker dataset function for parameter
+servers), and Keras `fit` with validation callbacks."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -12,13 +14,17 @@ import tensorflow as tf
 
 from towers import run_dir as run_files
 from towers.model import TwoTowerModel
+from training.cluster import ClusterTask, parameter_server_strategy
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
-    """MirroredStrategy over every visible GPU (or as asked); the default strategy otherwise.
+def make_strategy(config: TrainConfig, task: ClusterTask,
+                  catalog_rows: int = 0) -> tf.distribute.Strategy:
+    """The strategy of `config.distribute`: MirroredStrategy over every visible GPU (or as
+    asked), MultiWorkerMirroredStrategy or ParameterServerStrategy over TF_CONFIG's cluster
+    (`task`; item tables of `catalog_rows` rows sharded across the ps tasks), else the default.
 
     Mixed precision is switched on with GPUs (float16 compute, float32 variables).
     """
@@ -27,7 +33,9 @@ def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
         tf.keras.mixed_precision.set_global_policy("mixed_float16")
     else:
         tf.keras.mixed_precision.set_global_policy("float32")
-    if config.distribute == "multiworker":
+    if task.mode == "parameter_server":
+        return parameter_server_strategy(task, config.ps_shards, catalog_rows)
+    if task.mode == "multiworker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if config.distribute == "mirrored" or (config.distribute == "auto" and len(gpus) > 1):
         return tf.distribute.MirroredStrategy()
@@ -71,13 +79,50 @@ def training_dataset(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
     return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
 
 
+def parameter_server_dataset(arrays: dict[str, np.ndarray], batch_size: int,
+                             use_events: bool) -> tf.keras.utils.experimental.DatasetCreator:
+    """The training windows for parameter-server workers: each worker runs this dataset
+    function itself, so it is built from tensors (`from_generator` cannot run remotely):
+    shuffled, batched, cut to the longest window in each batch, repeated.
+
+    The windows travel inside the function's graph (a 2 GB protobuf limit). Every worker
+    shuffles with its own seed (its clock when the dataset is built): steps go to whichever
+    worker is free, so training is not reproducible under this strategy anyway. No length
+    bucketing.
+    """
+    names = ["history", "targets", "target_values", "target_purchase"]
+    if use_events:
+        names.append("event_types")
+    windows = {name: arrays[name] for name in names}
+
+    def cut(batch):
+        width = tf.maximum(tf.reduce_max(tf.reduce_sum(
+            tf.cast(batch["history"] > 0, tf.int32), axis=1)), 1)
+        return {name: values[:, -width:] for name, values in batch.items()}
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        seed = tf.cast(tf.timestamp() * 1e6, tf.int64)
+        return (tf.data.Dataset.from_tensor_slices(windows)
+                .shuffle(len(arrays["history"]), seed=seed).batch(batch_size).map(cut)
+                .repeat().prefetch(2))
+
+    return tf.keras.utils.experimental.DatasetCreator(dataset_fn)
+
+
 def fit(model: TwoTowerModel, windows: dict[str, np.ndarray], config: TrainConfig,
         run_dir: Path, validation: tf.keras.callbacks.Callback, use_events: bool) -> None:
     """Keras fit over the training windows until the epochs, patience or budget run out; the
-    validation callback logs each epoch's line, CSVLogger and TensorBoard keep the curves."""
-    dataset = training_dataset(windows, config.batch_size, config.seed, use_events,
-                               config.bucket_batches)
+    validation callback logs each epoch's line, CSVLogger and TensorBoard keep the curves.
+    Under ParameterServerStrategy the chief schedules an epoch's steps on the workers."""
+    steps = None
+    if isinstance(model.distribute_strategy, tf.distribute.ParameterServerStrategy):
+        dataset = parameter_server_dataset(windows, config.batch_size, use_events)
+        steps = math.ceil(len(windows["history"]) / config.batch_size)
+    else:
+        dataset = training_dataset(windows, config.batch_size, config.seed, use_events,
+                                   config.bucket_batches)
     callbacks = [validation, tf.keras.callbacks.CSVLogger(str(run_dir / run_files.HISTORY)),
                  tf.keras.callbacks.TensorBoard(str(run_dir / "tensorboard"),
                                                 write_graph=False, profile_batch=0)]
-    model.fit(dataset, epochs=config.epochs, callbacks=callbacks, verbose=0)
+    model.fit(dataset, epochs=config.epochs, steps_per_epoch=steps, callbacks=callbacks,
+              verbose=0)

@@ -91,8 +91,24 @@ class ValidationCallback(tf.keras.callbacks.Callback):
         else:
             self.wait += 1
         budget = self.config.time_budget_minutes * 60
-        if self.wait >= self.config.patience or (budget and time.time() - self.started > budget):
+        stop = self.wait >= self.config.patience or (budget and time.time() - self.started > budget)
+        if _any_worker(self.model.distribute_strategy, bool(stop)):
             self.model.stop_training = True
+
+
+def _any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
+    """Whether `flag` is set on any worker of a multi-worker cluster (else: the flag). Workers
+    must stop at the same epoch, or the ones still training wait forever for the others in
+    their next all-reduce; validation agrees by itself, time budgets need not."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return flag
+
+    def vote():
+        return tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.constant(1.0 if flag else 0.0))
+
+    votes = tf.function(lambda: strategy.run(vote))()
+    return float(strategy.experimental_local_results(votes)[0]) > 0
 
 
 def score_test_split(model: TwoTowerModel, seqs: Sequences, config: TrainConfig,

@@ -1,10 +1,13 @@
 """A training run: prepared data -> towers -> fit with per-epoch validation (early stopping on
-valid NDCG@10) -> one test evaluation -> a self-sufficient run directory (towers/run_dir.py)."""
+valid NDCG@10) -> one test evaluation -> a self-sufficient run directory (towers/run_dir.py),
+written by the chief of a cluster (training/cluster.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import tensorflow as tf
 
 from towers import run_dir as run_files
 from towers.model import TwoTowerModel
+from training.cluster import ClusterTask, cluster_task, sharded_tables
 from training.config import TrainConfig
 from training.data import load_training_data, model_spec, write_run_tables
 from training.features import install_features
@@ -30,9 +34,25 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     """Train, validate every epoch, test once; returns the metrics written to metrics.json.
 
     `export_dir` is only recorded in the run directory, as the default target of an export.
+    In a multi-worker cluster only the chief writes `run_dir`; the other workers train in step
+    with it, keep their files in a temporary directory and delete it.
     """
+    task = cluster_task(config)
+    if task.serves:
+        raise ValueError(f"TF_CONFIG task {task.task_type}:{task.task_index} only runs a "
+                         "server (train.py starts it); the chief trains")
+    if task.is_chief:
+        return _train(config, task, data_dir, Path(run_dir), export_dir)
+    scratch = Path(tempfile.mkdtemp(prefix=f"towerrec-{task.task_type}{task.task_index}-"))
+    try:
+        return _train(config, task, data_dir, scratch, export_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir: Path,
+           export_dir: str | Path | None) -> dict:
     started = time.time()
-    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / run_files.CONFIG)
     (run_dir / run_files.EXPORT_INFO).write_text(json.dumps({
@@ -41,9 +61,13 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     tf.keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
 
-    strategy = make_strategy(config)
-    with strategy.scope():  # a fine-tuned text encoder's variables belong to the strategy
+    if task.mode == "parameter_server":  # the item tables' partitioner needs the catalog size
         data = load_training_data(config, data_dir)
+        strategy = make_strategy(config, task, data.seqs.num_items + 1)
+    else:  # MultiWorkerMirroredStrategy wants to exist before TensorFlow runs anything
+        strategy = make_strategy(config, task)
+        with strategy.scope():  # a fine-tuned text encoder's variables belong to the strategy
+            data = load_training_data(config, data_dir)
     features, seqs = data.features, data.seqs
     if features.text_source != "none":
         log.info("text encoder: %s", features.text_source)
@@ -58,6 +82,9 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
         install_features(model, features, data.popularity, spec.text_pooling,
                          spec.finetune_layers)
         model.compile(optimizer=make_optimizer(optimizer, config.lr, config.adam_beta2))
+    shards = sharded_tables(model.item_tower)
+    for name, devices in shards.items():
+        log.info("%s: %d shards on %s", name, len(devices), ", ".join(devices))
 
     valid = eval_set(seqs, "valid", config.max_seq_len)
     checkpoint = run_dir / run_files.CHECKPOINT
@@ -94,6 +121,8 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     write_report(run_dir, results, {
         "data": str(data_dir), "device": device_name(), "strategy": type(strategy).__name__,
         "replicas": strategy.num_replicas_in_sync,
+        "cluster": {job: len(tasks) for job, tasks in task.cluster.items()},
+        "item_table_shards": shards,
         "precision": tf.keras.mixed_precision.global_policy().name,
         "wall_seconds": round(time.time() - started, 1)}, data.manifest)
     return results
