@@ -98,15 +98,6 @@ def _json(body: BaseModel) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def known_history(model: ServingModel, history: list[str], event_types: list[str] | None):
-    """(catalog items of the history, their event types, unknown ids once each). Unknown ids
-    are dropped here, as the graph would ignore them anyway; "" is padding, not unknown."""
-    keep = [i for i, item in enumerate(history) if item in model.titles]
-    unknown = list(dict.fromkeys(item for item in history if item and item not in model.titles))
-    kinds = [event_types[i] for i in keep] if event_types is not None else None
-    return [history[i] for i in keep], kinds, unknown
-
-
 async def recommend(model: ServingModel, metrics: ServingMetrics, user_id: str | None,
                     history: list[str], event_types: list[str] | None, k: int,
                     exclude_seen: bool, rerank: bool, stored: bool = False) -> Response:
@@ -118,7 +109,7 @@ async def recommend(model: ServingModel, metrics: ServingMetrics, user_id: str |
     if stored:
         known, kinds, unknown = history, event_types, []
     else:
-        known, kinds, unknown = known_history(model, history, event_types)
+        known, kinds, unknown = model.known_history(history, event_types)
         metrics.unknown_items.inc(len(unknown))
     if not known:
         metrics.fallbacks.inc()
@@ -182,7 +173,7 @@ def similar_items(model: Model, item_id: Annotated[str, PathParam(max_length=256
 @router.post("/rank", response_model=RankResponse, responses=UNAVAILABLE)
 async def rank(model: Model, metrics: Metrics, body: RankRequest) -> RankResponse:
     """The ranking head's scores for candidates given a history; best first."""
-    history, kinds, unknown = known_history(model, body.history, body.event_types)
+    history, kinds, unknown = model.known_history(body.history, body.event_types)
     metrics.unknown_items.inc(len(unknown))
     ranked, unknown_candidates = await model.rank_async(history, kinds, body.candidates)
     return RankResponse(model_version=model.version, ranked=_scored(model, ranked),

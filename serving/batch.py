@@ -88,11 +88,9 @@ def resolve_version(model_dir: Path, version: int | None) -> tuple[int, Path]:
     digits only; `.tmp-*` and `tf_serving` are not versions), or the one asked for."""
     if not model_dir.is_dir():
         raise BatchError(f"model dir {model_dir} does not exist or is not a directory")
-    try:
-        found = sorted((int(p.name), p) for p in model_dir.iterdir()
-                       if p.name.isascii() and p.name.isdigit() and p.is_dir())
-    except OSError as error:
-        raise BatchError(f"cannot list model dir {model_dir}: {error}") from error
+    from serving.model_store import list_versions
+
+    found = sorted(list_versions(model_dir))
     if not found:
         raise BatchError(f"no exported version (a directory named by a number) under "
                          f"{model_dir}")
@@ -134,56 +132,40 @@ def read_users(path: Path) -> list[str]:
 
 # ---- scoring ----
 
-def _padded(rows: list[list[str]]) -> list[list[str]]:
-    width = max(1, max(len(row) for row in rows))
-    return [[""] * (width - len(row)) + row for row in rows]
-
-
 def score_batch(model, users: Sequence[str], k: int) -> tuple[list[list[str]], list[list[float]]]:
     """Top-k (item ids, scores) for known users, as GET /recommendations/{user}?k=k answers
     them: stored history minus non-catalog ids, with event types, seen items excluded; the
-    popular items when nothing of the history is in the catalog. One signature call per batch.
+    popular items when nothing of the history is in the catalog. One signature call per batch
+    (serving.batching.run_batch pads the rows).
 
     `model` is a loaded serving.model_store.ServingModel."""
     import numpy as np
     import tensorflow as tf
 
     from serving import contract as c
+    from serving.batching import run_batch
     from serving.model_store import ModelError
 
-    histories, kinds, rows = [], [], []
+    requests, rows = [], []
     for user in users:
-        history, events = model.histories[user]
-        keep = [i for i, item in enumerate(history) if item in model.titles]
-        if keep:
-            rows.append(len(histories))
-            histories.append([history[i] for i in keep])
-            kinds.append([events[i] if i < len(events) else "" for i in keep])
-        else:
-            rows.append(None)
-    item_ids: list[list[str]] = []
-    scores: list[list[float]] = []
-    if histories:
+        history, kinds, _ = model.known_history(*model.histories[user])
+        rows.append(len(requests) if history else None)
+        if history:
+            requests.append({c.HISTORY: history, c.EVENT_TYPES: kinds})
+    found: list[list[tuple[str, float]]] = []
+    if requests:
         signature = model.retrieval[c.retrieval_signature(True, True)]
         try:
-            out = signature(history=tf.constant(_padded(histories), tf.string),
-                            event_types=tf.constant(_padded(kinds), tf.string))
+            found = [model.found_items(out)[:k] for out in run_batch(signature, requests)]
         except (tf.errors.OpError, ValueError, TypeError) as error:
             raise ModelError(f"model version {model.version} failed on a batch of "
-                             f"{len(histories)} users: {type(error).__name__}: "
+                             f"{len(requests)} users: {type(error).__name__}: "
                              f"{str(error).splitlines()[0][:300] if str(error) else ''}"
                              ) from error
-        found_ids, found_scores = out[c.ITEM_IDS].numpy(), out[c.SCORES].numpy()
-        for ids_row, scores_row in zip(found_ids, found_scores):
-            filled = [(item.decode(), float(score)) for item, score in zip(ids_row, scores_row)
-                      if c.is_filled(score)][:k]
-            item_ids.append([item for item, _ in filled])
-            scores.append([score for _, score in filled])
-    popular = model.popular[:k]
-    popular_ids = [item for item, _ in popular]
-    popular_scores = [float(np.float32(count)) for _, count in popular]
-    return ([item_ids[row] if row is not None else popular_ids for row in rows],
-            [scores[row] if row is not None else popular_scores for row in rows])
+    popular = [(item, float(np.float32(count))) for item, count in model.popular[:k]]
+    answers = [found[row] if row is not None else popular for row in rows]
+    return ([[item for item, _ in pairs] for pairs in answers],
+            [[score for _, score in pairs] for pairs in answers])
 
 
 # ---- parts and output ----

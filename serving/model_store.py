@@ -236,8 +236,18 @@ class ServingModel:
             return self._call(signature, history=history, event_types=event_types)
         return self._call(signature, history=history)
 
+    def known_history(self, history: list[str], event_types: list[str] | None):
+        """(catalog items of the history, their event types, unknown ids once each). Unknown
+        ids are dropped here, as the graph would ignore them anyway; "" is padding."""
+        keep = [i for i, item in enumerate(history) if item in self.titles]
+        unknown = list(dict.fromkeys(item for item in history
+                                     if item and item not in self.titles))
+        kinds = [event_types[i] for i in keep] if event_types is not None else None
+        return [history[i] for i in keep], kinds, unknown
+
     @staticmethod
-    def _found(out: dict[str, np.ndarray]) -> list[tuple[str, float]]:
+    def found_items(out: dict[str, np.ndarray]) -> list[tuple[str, float]]:
+        """A retrieval output row as (item_id, score) pairs, unfilled slots dropped."""
         pairs = zip(out[c.ITEM_IDS], out[c.SCORES], strict=True)
         return [(item.decode(), float(score)) for item, score in pairs if c.is_filled(score)]
 
@@ -246,13 +256,13 @@ class ServingModel:
         """Top metadata-k (item_id, score) for a history, best first, and whether event types
         were used."""
         out = self._retrieve_call(history, event_types, exclude_seen).result()
-        return self._found(out), event_types is not None
+        return self.found_items(out), event_types is not None
 
     async def retrieve_async(self, history: list[str], event_types: list[str] | None,
                              exclude_seen: bool) -> tuple[list[tuple[str, float]], bool]:
         """retrieve() for the event loop: waiting holds no thread."""
         out = await asyncio.wrap_future(self._retrieve_call(history, event_types, exclude_seen))
-        return self._found(out), event_types is not None
+        return self.found_items(out), event_types is not None
 
     def _rank_call(self, history: list[str], event_types: list[str] | None,
                    candidates: list[str]) -> Future:
