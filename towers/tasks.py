@@ -1,5 +1,6 @@
 """Next-item retrieval loss at every sequence position: full softmax, or sampled softmax over
-in-batch items plus uniformly sampled negatives with log-Q correction (Yi et al. 2019).
+in-batch items plus uniformly sampled negatives with log-Q correction (Yi et al. 2019), Q being
+each item's expected count in the deduplicated pool.
 
 tfrs.tasks.Retrieval scores every query against every in-batch candidate with diagonal labels,
 a [positions, positions] matrix: at 128 sequences x 200 positions that is 25,600^2 logits. Here
@@ -14,14 +15,21 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 
-def mixed_sampling_probability(candidate_ids: tf.Tensor, popularity: tf.Tensor,
-                               num_positives: tf.Tensor, num_sampled: int,
-                               num_items: int) -> tf.Tensor:
-    """Probability that one candidate draw is each item, for a pool made of the batch's targets
-    (drawn by popularity, `num_positives` draws) and `num_sampled` uniform draws over items."""
+def expected_candidate_count(candidate_ids: tf.Tensor, popularity: tf.Tensor,
+                             num_positives: tf.Tensor, num_sampled: int,
+                             num_items: int) -> tf.Tensor:
+    """Expected number of pool columns holding each item, the Q of the log-Q correction.
+
+    The pool is the DISTINCT targets of `num_positives` draws by popularity, so an item is in
+    it at most once: its chance to be there is 1 - (1 - p)^n, not n * p (a popular item drawn
+    200 times per batch still fills one column; n * p would push its logit down by log 200
+    against a rare item's). The `num_sampled` uniform draws are not deduplicated: each adds
+    1 / num_items per item.
+    """
     positives = tf.cast(num_positives, tf.float32)
     pop = tf.gather(popularity, candidate_ids)  # [candidates]
-    return (positives * pop + num_sampled / num_items) / (positives + num_sampled)
+    in_batch = -tf.math.expm1(positives * tf.math.log1p(-tf.minimum(pop, 1.0 - 1e-7)))
+    return in_batch + num_sampled / num_items
 
 
 class NextItemRetrieval(tf.keras.layers.Layer):
@@ -93,7 +101,7 @@ class NextItemRetrieval(tf.keras.layers.Layer):
         logits = self.remove_accidental_hits(labels, logits, candidate_ids)
         if self.logq_correction:
             draws = tf.shape(target_ids)[0] if draws is None else draws
-            q = mixed_sampling_probability(candidate_ids, self.popularity, draws,
+            q = expected_candidate_count(candidate_ids, self.popularity, draws,
                                            self.num_negatives, self.num_items)
             logits = self.logq(logits, q[None, :])
         losses = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
