@@ -48,12 +48,12 @@ _INPUTS = {
         ),
     ),
     "sample": ((), ()),
-    "synthetic": ((), ("num_users", "num_items", "num_events", "seed")),
+    "synthetic": ((), ("num_users", "num_items", "num_events")),
 }
 _SOURCE_FLAGS = sorted({f for required, optional in _INPUTS.values() for f in required + optional})
 _ITEM_TABLE_FLAGS = ("item_id_col", "text_cols", "category_col", "brand_col", "price_col")
 _DEFAULT_MIN_SEQ_LEN = {"movielens": 5}  # the protocol's MovieLens setting
-_SYNTHETIC_DEFAULTS = {"num_users": 10_000, "num_items": 5_000, "num_events": 200_000, "seed": 0}
+_SYNTHETIC_DEFAULTS = {"num_users": 10_000, "num_items": 5_000, "num_events": 200_000}
 
 
 def _time_arg(text: str) -> int:
@@ -82,6 +82,16 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and < 1, got {text}")
     return value
 
 
@@ -120,7 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-users", type=_positive, help="default 10000")
     s.add_argument("--num-items", type=_positive, help="default 5000")
     s.add_argument("--num-events", type=_positive, help="default 200000")
-    s.add_argument("--seed", type=int, help="default 0")
 
     o = p.add_argument_group("processing")
     o.add_argument(
@@ -144,6 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative,
         default=0,
         help="iterative k-core: min events per item (default 0: off)",
+    )
+    o.add_argument(
+        "--max-user-events",
+        type=_positive,
+        metavar="N",
+        help="keep each user's last N events, before --min-seq-len (default: all)",
+    )
+    o.add_argument(
+        "--drop-events",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="drop this random share (0 <= F < 1) of the events, before the split (default 0)",
+    )
+    o.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed of --drop-events and of --source synthetic (default 0)",
     )
     o.add_argument("--split", choices=(LEAVE_ONE_OUT, TEMPORAL), default=LEAVE_ONE_OUT)
     o.add_argument(
@@ -181,6 +209,12 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error("--split leave-one-out needs --min-seq-len >= 3 (train, valid and test)")
     if args.valid_cutoff is not None and args.valid_cutoff >= args.cutoff:
         p.error("--valid-cutoff must be before --cutoff")
+    min_seq_len = _min_seq_len(args)
+    if args.max_user_events is not None and args.max_user_events < min_seq_len:
+        p.error(
+            f"--max-user-events {args.max_user_events} is below --min-seq-len {min_seq_len}: "
+            "no user would be left"
+        )
     if args.source == "events" and args.items is None:
         for name in _ITEM_TABLE_FLAGS:
             if getattr(args, name) is not None:
@@ -189,6 +223,10 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         sizes = _synthetic_sizes(args)
         if sizes["num_events"] < sizes["num_users"] or sizes["num_items"] < 2:
             p.error("--num-events must be >= --num-users and --num-items >= 2")
+
+
+def _min_seq_len(args: argparse.Namespace) -> int:
+    return args.min_seq_len or _DEFAULT_MIN_SEQ_LEN.get(args.source, 3)
 
 
 def _synthetic_sizes(args: argparse.Namespace) -> dict[str, int]:
@@ -232,7 +270,7 @@ def read_source(args: argparse.Namespace) -> tuple[RawData, dict]:
         raw = readers.read_events(args.input, args.items, columns=columns, skip_bad_lines=skip)
         return raw, {"columns": dataclasses.asdict(columns)}
     sizes = _synthetic_sizes(args)
-    return synthetic.generate(**sizes), {"synthetic": sizes}
+    return synthetic.generate(**sizes, seed=args.seed), {"synthetic": sizes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,12 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     options = ProcessOptions(
         dedupe=not args.keep_repeats,
-        min_seq_len=args.min_seq_len or _DEFAULT_MIN_SEQ_LEN.get(args.source, 3),
+        min_seq_len=_min_seq_len(args),
         kcore_users=args.kcore_users,
         kcore_items=args.kcore_items,
         split=args.split,
         cutoff=args.cutoff,
         valid_cutoff=args.valid_cutoff,
+        max_user_events=args.max_user_events,
+        drop_events=args.drop_events,
+        seed=args.seed,
     )
     try:
         start = time.perf_counter()
@@ -262,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         result = build_processed(raw, options)
         log.info("processed in %.1fs", time.perf_counter() - start)
         settings = dataclasses.asdict(options) | {"skip_bad_lines": args.skip_bad_lines}
-        manifest = make_manifest(args.source, raw.inputs, settings | reader_options, result.counts)
+        settings |= reader_options | raw.detected
+        manifest = make_manifest(args.source, raw.inputs, settings, result.counts)
         write_processed(args.out, result.items, result.events, manifest)
         log.info("wrote %s in %.1fs", args.out, time.perf_counter() - start)
     except DataError as e:

@@ -1,7 +1,8 @@
 """From a reader's `RawData` to the processed tables, following shared/PROTOCOL.md.
 
-Stable sort by (user, time) -> dedupe (first (user, item) occurrence) -> min-seq-len and optional
-iterative k-core -> split (leave-one-out or temporal) -> contiguous item_idx 1..N (0 = padding).
+Stable sort by (user, time) -> dedupe (first (user, item) occurrence) -> optional sparser variant
+(seeded random drop, each user's last N events) -> min-seq-len and optional iterative k-core ->
+split (leave-one-out or temporal) -> contiguous item_idx 1..N (0 = padding).
 Each step is a pure frame-in/frame-out function; `build_processed` chains them and counts what
 each drops.
 
@@ -33,6 +34,9 @@ class ProcessOptions:
     split: str = LEAVE_ONE_OUT
     cutoff: int | None = None  # temporal: events at or after this second are test
     valid_cutoff: int | None = None  # temporal: events in [valid_cutoff, cutoff) are valid
+    max_user_events: int | None = None  # keep each user's last N events
+    drop_events: float = 0.0  # drop this random share of the events
+    seed: int = 0  # of the random drop
 
     def __post_init__(self) -> None:
         if self.split not in (LEAVE_ONE_OUT, TEMPORAL):
@@ -48,6 +52,10 @@ class ProcessOptions:
             raise ValueError("cutoffs only apply to the temporal split")
         if self.valid_cutoff is not None and self.valid_cutoff >= (self.cutoff or 0):
             raise ValueError("valid_cutoff must be before cutoff")
+        if self.max_user_events is not None and self.max_user_events < self.min_seq_len:
+            raise ValueError("max_user_events must be >= min_seq_len (else no user is left)")
+        if not 0 <= self.drop_events < 1:
+            raise ValueError("drop_events must be >= 0 and < 1")
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,22 @@ def dedupe(events: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Keep the first occurrence (in row order) of each (user, item) pair."""
     repeat = pd.Series(_pair_keys(events)).duplicated(keep="first").to_numpy()
     return events[~repeat].reset_index(drop=True), int(repeat.sum())
+
+
+def drop_random(events: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, int]:
+    """Drop round(fraction * rows) rows chosen uniformly at random (seeded)."""
+    rank = np.random.default_rng(seed).permutation(len(events))
+    drop = rank < round(fraction * len(events))
+    return events[~drop].reset_index(drop=True), int(drop.sum())
+
+
+def keep_last(events: pd.DataFrame, n: int) -> tuple[pd.DataFrame, int]:
+    """Keep each user's last n events (rows sorted by user then time)."""
+    users = events["user_id"].cat.codes.to_numpy()
+    ends = np.cumsum(np.bincount(users))  # one past each user's last row
+    from_end = ends[users] - np.arange(len(users))  # 1 for a user's last event
+    keep = from_end <= n
+    return events[keep].reset_index(drop=True), int((~keep).sum())
 
 
 def filter_sequences(
@@ -237,6 +261,10 @@ def build_processed(raw: RawData, options: ProcessOptions) -> Processed:
     events = sort_events(normalize_events(raw.events))
     if options.dedupe:
         events, dropped["duplicate"] = dedupe(events)
+    if options.drop_events > 0:
+        events, dropped["drop_events"] = drop_random(events, options.drop_events, options.seed)
+    if options.max_user_events is not None:
+        events, dropped["max_user_events"] = keep_last(events, options.max_user_events)
     events, filtered = filter_sequences(
         events, options.min_seq_len, options.kcore_users, options.kcore_items
     )

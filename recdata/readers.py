@@ -54,12 +54,13 @@ def _raw_data(
     bad_lines: int,
     items: tuple[pd.DataFrame, int] | None = None,
     dropped: dict[str, int] | None = None,
+    detected: dict | None = None,
 ) -> RawData:
     """The RawData every reader returns.
 
     items: (items frame, item rows skipped), or None when there is no item metadata (an empty
     items frame). inputs: the input paths, None for an optional file not given. dropped: drop
-    reasons beyond "bad_lines_skipped", which always comes first.
+    reasons beyond "bad_lines_skipped", which always comes first. detected: see RawData.
     """
     item_frame, item_rows_skipped = (_items_frame([], []), 0) if items is None else items
     return RawData(
@@ -69,6 +70,7 @@ def _raw_data(
         inputs=tuple(p for p in inputs if p is not None),
         rows_read=rows_read,
         item_rows_skipped=item_rows_skipped,
+        detected=detected or {},
     )
 
 
@@ -281,45 +283,57 @@ def _read_movies(path: Path, skip_bad_lines: bool) -> tuple[pd.DataFrame, int]:
     return _items_frame(np.asarray(ids[keep]), text, category), table.bad_lines
 
 
-# --- UCI Online Retail ------------------------------------------------------------------
+# --- UCI Online Retail (and Online Retail II) ---------------------------------------------
 
-RETAIL_COLUMNS = (
-    "InvoiceNo",
-    "StockCode",
-    "Description",
-    "Quantity",
-    "InvoiceDate",
-    "UnitPrice",
-    "CustomerID",
-)
+
+@dataclass(frozen=True)
+class _RetailLayout:
+    invoice: str
+    price: str
+    customer: str
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        common = ("StockCode", "Description", "Quantity", "InvoiceDate")
+        return (self.invoice, *common, self.price, self.customer)
+
+
+# Online Retail (2010-2011) and its successor Online Retail II (2009-2011, one xlsx sheet a year).
+RETAIL_LAYOUTS = {
+    "online-retail": _RetailLayout("InvoiceNo", "UnitPrice", "CustomerID"),
+    "online-retail-ii": _RetailLayout("Invoice", "Price", "Customer ID"),
+}
 
 
 def read_online_retail(path: Path, *, skip_bad_lines: bool = False) -> RawData:
-    """UCI Online Retail (xlsx, csv, csv.gz or parquet): one "purchase" event per invoice line.
+    """UCI Online Retail or Online Retail II (xlsx, all sheets; csv, csv.gz or parquet): one
+    "purchase" event per invoice line. The layout is recognised from the header.
 
-    user = CustomerID (as an integer string), item = StockCode, value = Quantity. Rows are
-    dropped, and counted in this order, for: no CustomerID, cancellation (InvoiceNo "C..."),
-    Quantity <= 0. Item text is the item's most frequent Description and price its median
-    UnitPrice, both over the kept rows.
+    user = CustomerID / Customer ID (as an integer string), item = StockCode, value = Quantity.
+    Rows are dropped, and counted in this order, for: no customer, cancellation (invoice
+    "C..."), Quantity <= 0. Item text is the item's most frequent Description and price its
+    median UnitPrice / Price, both over the kept rows.
     """
-    table = read_table(path, RETAIL_COLUMNS, skip_bad_lines=skip_bad_lines)
+    layouts = {name: layout.columns for name, layout in RETAIL_LAYOUTS.items()}
+    table = read_table(path, (), layouts=layouts, skip_bad_lines=skip_bad_lines)
+    layout = RETAIL_LAYOUTS[table.layout]
     stock, bad_stock = table.ids("StockCode")
     quantity, bad_quantity = table.number("Quantity", integer=True)
-    price, bad_price = table.number("UnitPrice")
-    customer, bad_customer = table.number("CustomerID", integer=True, nullable=True)
+    price, bad_price = table.number(layout.price)
+    customer, bad_customer = table.number(layout.customer, integer=True, nullable=True)
     times, bad_time = table.epoch_seconds("InvoiceDate")
     good = table.keep_good_rows(
         [
             ("StockCode", bad_stock, "an id"),
             ("Quantity", bad_quantity, "an integer"),
             ("InvoiceDate", bad_time, "a date"),
-            ("UnitPrice", bad_price, "a number"),
-            ("CustomerID", bad_customer, "an integer"),
+            (layout.price, bad_price, "a number"),
+            (layout.customer, bad_customer, "an integer"),
         ],
         skip_bad_lines,
     )
     no_customer = good & np.isnan(customer)
-    is_cancellation = table.text("InvoiceNo").str.strip().str.startswith("C").to_numpy(bool)
+    is_cancellation = table.text(layout.invoice).str.strip().str.startswith("C").to_numpy(bool)
     cancelled = good & ~no_customer & is_cancellation
     non_positive = good & ~no_customer & ~cancelled & (quantity <= 0)
     use = good & ~no_customer & ~cancelled & ~non_positive
@@ -327,6 +341,7 @@ def read_online_retail(path: Path, *, skip_bad_lines: bool = False) -> RawData:
     customers, user_codes = np.unique(customer[use].astype(np.int64), return_inverse=True)
     users = pd.Categorical.from_codes(user_codes.astype(np.int32), customers.astype(str))
     events = make_events(users, stock[use], times[use], "purchase", quantity[use])
+    detected = {"layout": table.layout} | ({"sheets": list(table.sheets)} if table.sheets else {})
     return _raw_data(
         events,
         (path,),
@@ -338,6 +353,7 @@ def read_online_retail(path: Path, *, skip_bad_lines: bool = False) -> RawData:
             "cancellation": int(cancelled.sum()),
             "non_positive_quantity": int(non_positive.sum()),
         },
+        detected=detected,
     )
 
 

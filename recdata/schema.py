@@ -58,6 +58,8 @@ class RawData:
     inputs: the files read, for the manifest.
     rows_read: event rows seen, dropped ones included.
     item_rows_skipped: malformed rows of the item metadata file skipped (--skip-bad-lines).
+    detected: what the reader found out about the input, for the manifest's options (e.g.
+        {"layout": "online-retail-ii", "sheets": [...]}).
     """
 
     events: pd.DataFrame
@@ -66,6 +68,7 @@ class RawData:
     inputs: tuple[Path, ...] = ()
     rows_read: int = 0
     item_rows_skipped: int = 0
+    detected: dict = field(default_factory=dict)
 
 
 def make_events(

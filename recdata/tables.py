@@ -14,7 +14,7 @@ import json
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +121,8 @@ class Table:
     """Columns read from one input file, and where each row came from (for error messages).
 
     locate(row) says where a data row is ("file line 12"). rows_read counts every data row
-    seen, bad_lines those skipped as malformed (--skip-bad-lines).
+    seen, bad_lines those skipped as malformed (--skip-bad-lines). layout: the name of the
+    column layout found (see read_table); sheets: the workbook sheets read, in order.
     """
 
     path: Path
@@ -129,6 +130,8 @@ class Table:
     rows_read: int
     locate: Callable[[int], str]
     bad_lines: int = 0
+    layout: str | None = None
+    sheets: tuple[str, ...] = ()
 
     def column(self, name: str) -> pa.ChunkedArray:
         return self.data.column(name)
@@ -257,23 +260,35 @@ def _epoch_to_seconds(values: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, 
 
 
 def read_table(
-    path: Path, required: Sequence[str], optional: Sequence[str] = (), *, skip_bad_lines: bool
+    path: Path,
+    required: Sequence[str],
+    optional: Sequence[str] = (),
+    *,
+    layouts: Mapping[str, Sequence[str]] | None = None,
+    skip_bad_lines: bool,
 ) -> Table:
-    """Read the named columns of a CSV (plain or gzip), Parquet or Excel file.
+    """Read the named columns of a CSV (plain or gzip), Parquet or Excel file (all its sheets).
 
     CSV cells are read as strings (ids such as "007" stay intact); conversions happen through
-    the Table methods. A missing required column raises DataError naming the columns found.
+    the Table methods. layouts: for files that come in several versions, named sets of columns
+    of which the header must hold one (the first complete one is read, its name is
+    Table.layout). A missing column raises DataError naming the columns found.
     """
     check_file(path)
     name = path.name.lower()
     if name.endswith((".parquet", ".pq")):
-        return _read_parquet(path, required, optional)
+        return _read_parquet(path, required, optional, layouts)
     if name.endswith((".xlsx", ".xlsm")):
-        return _read_excel(path, required, optional)
+        return _read_excel(path, required, optional, layouts)
     if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
         delimiter = "\t" if ".tsv" in name else ","
         return read_delimited(
-            path, required, optional, delimiter=delimiter, skip_bad_lines=skip_bad_lines
+            path,
+            required,
+            optional,
+            layouts=layouts,
+            delimiter=delimiter,
+            skip_bad_lines=skip_bad_lines,
         )
     raise DataError(
         f"{path}: unsupported file type (expected .csv, .csv.gz, .tsv, .parquet or .xlsx)"
@@ -284,34 +299,78 @@ def _missing_column(where: str, missing: str, found: Sequence[str]) -> DataError
     return DataError(f"{where}: missing column '{missing}' (found: {', '.join(map(str, found))})")
 
 
-def _select(found: Sequence[str], required: Sequence[str], optional: Sequence[str], where: str):
+def _select(
+    found: Sequence[str],
+    required: Sequence[str],
+    optional: Sequence[str],
+    where: str,
+    layouts: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[list[str], str | None]:
+    """The columns to read, and the name of the first of `layouts` whose columns are all found."""
     for col in required:
         if col not in found:
             raise _missing_column(where, col, found)
-    return list(dict.fromkeys([*required, *(c for c in optional if c in found)]))
+    layout = None
+    if layouts:
+        layout = next((name for name, cols in layouts.items() if set(cols) <= set(found)), None)
+        if layout is None:
+            expected = "; ".join(f"{name} needs {', '.join(c)}" for name, c in layouts.items())
+            raise DataError(
+                f"{where}: columns match no known layout: {expected} "
+                f"(found: {', '.join(map(str, found))})"
+            )
+        required = [*required, *layouts[layout]]
+    return list(dict.fromkeys([*required, *(c for c in optional if c in found)])), layout
 
 
-def _read_parquet(path: Path, required: Sequence[str], optional: Sequence[str]) -> Table:
+def _read_parquet(
+    path: Path,
+    required: Sequence[str],
+    optional: Sequence[str],
+    layouts: Mapping[str, Sequence[str]] | None,
+) -> Table:
     try:
         found = pq.read_schema(path).names
-        columns = _select(found, required, optional, str(path))
+        columns, layout = _select(found, required, optional, str(path), layouts)
         data = pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    return Table(path, data, data.num_rows, lambda row: f"{path} row {row + 1}")
+    return Table(path, data, data.num_rows, lambda row: f"{path} row {row + 1}", layout=layout)
 
 
-def _read_excel(path: Path, required: Sequence[str], optional: Sequence[str]) -> Table:
+def _read_excel(
+    path: Path,
+    required: Sequence[str],
+    optional: Sequence[str],
+    layouts: Mapping[str, Sequence[str]] | None,
+) -> Table:
+    """Every non-empty sheet, one after the other (Online Retail II has one sheet per year);
+    the first sheet decides the columns and the others must have them too."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # openpyxl complains about missing default styles
-            frame = pd.read_excel(path, dtype=str, engine="openpyxl")
+            sheets = pd.read_excel(path, sheet_name=None, dtype=str, engine="openpyxl")
     except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable .xlsx file ({e})") from None
-    columns = _select([str(c) for c in frame.columns], required, optional, f"{path} row 1")
-    data = pa.Table.from_pandas(frame[columns], preserve_index=False)
-    # Sheet row numbers: the header is row 1.
-    return Table(path, data, data.num_rows, lambda row: f"{path} row {row + 2}")
+    sheets = {name: frame for name, frame in sheets.items() if len(frame.columns)}
+    if not sheets:
+        raise DataError(f"{path}: every sheet is empty")
+    names = list(sheets)
+    headers = {name: [str(c) for c in frame.columns] for name, frame in sheets.items()}
+    where = {name: f"{path} sheet '{name}' row 1" for name in names}
+    columns, layout = _select(headers[names[0]], required, optional, where[names[0]], layouts)
+    for name in names[1:]:
+        _select(headers[name], columns, (), where[name])
+    frames = [sheets[name].set_axis(headers[name], axis=1)[columns] for name in names]
+    data = pa.Table.from_pandas(pd.concat(frames, ignore_index=True), preserve_index=False)
+    starts = np.cumsum([0, *map(len, frames)])
+
+    def locate(row: int) -> str:
+        sheet = int(np.searchsorted(starts, row, side="right")) - 1
+        # Sheet row numbers: the header is row 1.
+        return f"{path} sheet '{names[sheet]}' row {row - starts[sheet] + 2}"
+
+    return Table(path, data, data.num_rows, locate, layout=layout, sheets=tuple(names))
 
 
 def read_delimited(
@@ -319,6 +378,7 @@ def read_delimited(
     required: Sequence[str],
     optional: Sequence[str] = (),
     *,
+    layouts: Mapping[str, Sequence[str]] | None = None,
     delimiter: str = ",",
     names: Sequence[str] | None = None,
     encoding: str = "utf-8",
@@ -327,7 +387,8 @@ def read_delimited(
 ) -> Table:
     """Read delimited text: with a header line, or headerless with `names`.
 
-    double_colon reads MovieLens '.dat' files ('::' between fields, no quoting).
+    double_colon reads MovieLens '.dat' files ('::' between fields, no quoting). layouts: as
+    in read_table (header files only).
     """
     raw = read_bytes(path)
     try:
@@ -346,10 +407,10 @@ def read_delimited(
         if first is None:
             raise DataError(f"{path}: empty file (no header line)")
         header_line, header = first
-        columns = _select(header, required, optional, f"{path} line {header_line}")
+        columns, layout = _select(header, required, optional, f"{path} line {header_line}", layouts)
         ncols = len(header)
     else:
-        header, columns, ncols = list(names), list(names), len(names)
+        header, columns, ncols, layout = list(names), list(names), len(names), None
 
     invalid: list[int] = []
 
@@ -398,4 +459,6 @@ def read_delimited(
                 return f"{path} line {line}"
         return f"{path} data row {row + 1}"
 
-    return Table(path, data, data.num_rows + len(invalid), locate, bad_lines=len(invalid))
+    return Table(
+        path, data, data.num_rows + len(invalid), locate, bad_lines=len(invalid), layout=layout
+    )

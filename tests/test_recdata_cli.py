@@ -136,6 +136,35 @@ def test_options_are_recorded_and_applied(tmp_path, capsys):
     assert set(events["split"]) == {"train", "valid", "test"}
 
 
+def test_sparser_variant_options_are_recorded_and_applied(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(
+        capsys, SMALL_SYNTHETIC, "--max-user-events 10 --drop-events 0.25 --seed 3 --out", out
+    )
+    assert code == 0, err
+    _, _, manifest = load_processed(out)
+    options, dropped = manifest["options"], manifest["counts"]["dropped"]
+    assert (options["max_user_events"], options["drop_events"], options["seed"]) == (10, 0.25, 3)
+    assert "seed" not in options["synthetic"]  # one seed for generator and drop
+    after_dedupe = 6000 - dropped["duplicate"]
+    assert dropped["drop_events"] == round(0.25 * after_dedupe)
+    assert dropped["max_user_events"] > 0
+    assert manifest["counts"]["sequence_length"]["max"] == 10
+    assert list(dropped)[-4:] == ["duplicate", "drop_events", "max_user_events", "min_seq_len"]
+
+
+def test_seed_and_drop_events_apply_to_file_sources_too(tmp_path, capsys):
+    out = tmp_path / "out"
+    retail = ("--source online-retail --input", RETAIL, "--split temporal --cutoff 2010-12-02")
+    code, _, err = run(capsys, *retail, "--min-seq-len 1 --drop-events 0.3 --seed 7 --out", out)
+    assert code == 0, err
+    _, _, manifest = load_processed(out)
+    assert manifest["options"]["layout"] == "online-retail"
+    assert manifest["options"]["seed"] == 7
+    assert manifest["counts"]["dropped"]["drop_events"] == 3  # 30% of the 9 deduped events
+    assert "max_user_events" not in manifest["counts"]["dropped"]
+
+
 def test_existing_output_is_replaced_on_success_and_kept_on_failure(tmp_path, capsys):
     out = tmp_path / "out"
     assert run(capsys, "--source movielens --ratings", ML_RATINGS, "--out", out)[0] == 0
@@ -243,12 +272,24 @@ def test_missing_column_lists_the_columns_found(tmp_path, capsys):
     )  # fmt: skip
 
 
-def test_missing_column_in_parquet(tmp_path, capsys):
+def test_retail_file_of_neither_layout_lists_both(tmp_path, capsys):
     path = tmp_path / "retail.parquet"
     pd.DataFrame({"InvoiceNo": ["1"], "StockCode": ["x"]}).to_parquet(path)
     assert_fails(
         capsys, tmp_path / "out", "--source online-retail --input", path,
-        message="retail.parquet: missing column 'Description' (found: InvoiceNo, StockCode)",
+        message="retail.parquet: columns match no known layout: "
+        "online-retail needs InvoiceNo, StockCode, Description, Quantity, InvoiceDate, UnitPrice, "
+        "CustomerID; online-retail-ii needs Invoice, StockCode, Description, Quantity, "
+        "InvoiceDate, Price, Customer ID (found: InvoiceNo, StockCode)",
+    )  # fmt: skip
+
+
+def test_missing_column_in_parquet(tmp_path, capsys):
+    path = tmp_path / "log.parquet"
+    pd.DataFrame({"user_id": ["1"], "item_id": ["x"]}).to_parquet(path)
+    assert_fails(
+        capsys, tmp_path / "out", "--source events --input", path,
+        message="log.parquet: missing column 'timestamp' (found: user_id, item_id)",
     )  # fmt: skip
 
 
@@ -286,6 +327,19 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert code == 2 and "--min-seq-len >= 3" in err
     code, _, err = run(capsys, "--source events --input", RETAIL, "--text-cols a --out", out)
     assert code == 2 and "--text-cols needs --items" in err
+    for flags, message in (
+        ("--drop-events 1", "argument --drop-events: must be >= 0 and < 1, got 1"),
+        ("--drop-events -0.1", "argument --drop-events: must be >= 0 and < 1, got -0.1"),
+        ("--drop-events x", "argument --drop-events: 'x' is not a number"),
+        ("--max-user-events 0", "argument --max-user-events: must be >= 1, got 0"),
+        ("--max-user-events 2", "--max-user-events 2 is below --min-seq-len 3"),
+    ):
+        code, _, err = run(capsys, "--source sample", flags, "--out", out)
+        assert code == 2 and message in err, err
+    code, _, err = run(
+        capsys, "--source movielens --ratings", ML_RATINGS, "--max-user-events 4 --out", out
+    )
+    assert code == 2 and "below --min-seq-len 5" in err  # the MovieLens default
     assert not out.exists()
 
 

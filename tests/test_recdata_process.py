@@ -139,6 +139,48 @@ def test_kcore_iterates_until_stable():
     assert kept["item_id"].astype(str).value_counts().min() >= 2
 
 
+def test_max_user_events_keeps_each_users_latest_events():
+    rows = [
+        ("a", "v", 5, 1),
+        ("a", "w", 1, 1),
+        ("a", "x", 4, 1),
+        ("a", "y", 2, 1),
+        ("a", "z", 3, 1),
+        ("a", "w", 6, 1),  # a repeat: deduped before the cap, so it does not count
+        ("b", "x", 1, 1),
+        ("b", "y", 2, 1),
+        ("b", "z", 3, 1),
+    ]
+    options = ProcessOptions(max_user_events=3)
+    result = build_processed(raw_from_rows(rows), options)
+    ev = result.events
+    assert ev.loc[ev["user_id"] == "a", "timestamp"].tolist() == [3, 4, 5]
+    assert ev.loc[ev["user_id"] == "b", "timestamp"].tolist() == [1, 2, 3]
+    assert result.counts["dropped"] == {
+        "duplicate": 1,
+        "max_user_events": 2,
+        "min_seq_len": 0,
+    }
+    check_invariants(result, options)
+
+
+def test_drop_events_drops_a_seeded_random_share():
+    raw = generate(num_users=200, num_items=150, num_events=5000, seed=4)
+    duplicates = build_processed(raw, ProcessOptions()).counts["dropped"]["duplicate"]
+
+    def sparser(seed: int):
+        return build_processed(raw, ProcessOptions(drop_events=0.3, seed=seed))
+
+    first, again, other = sparser(0), sparser(0), sparser(1)
+    assert first.counts["dropped"]["drop_events"] == round(0.3 * (len(raw.events) - duplicates))
+    pd.testing.assert_frame_equal(first.events, again.events)
+    pd.testing.assert_frame_equal(first.items, again.items)
+    assert first.counts == again.counts
+    assert other.counts["dropped"]["drop_events"] == first.counts["dropped"]["drop_events"]
+    assert not first.events[["user_id", "item_idx"]].equals(other.events[["user_id", "item_idx"]])
+    check_invariants(first, ProcessOptions(drop_events=0.3))
+
+
 def test_leave_one_out_invariants_on_synthetic_data():
     raw = generate(num_users=300, num_items=200, num_events=6000, seed=3)
     options = ProcessOptions()
@@ -219,6 +261,9 @@ def test_nothing_left_raises_a_data_error():
         {"split": "temporal", "cutoff": 5, "valid_cutoff": 5},
         {"cutoff": 5},  # cutoff without temporal
         {"split": "random"},
+        {"drop_events": 1.0},
+        {"drop_events": -0.1},
+        {"max_user_events": 2},  # below min_seq_len 3: no user would be left
     ],
 )
 def test_inconsistent_options_are_rejected(kwargs):

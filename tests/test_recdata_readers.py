@@ -11,6 +11,7 @@ import pytest
 from recdata import readers
 from recdata.cleaning import clean_text, parse_price
 from recdata.process import ProcessOptions, build_processed
+from recdata.schema import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "recdata"
 
@@ -162,6 +163,57 @@ def test_online_retail_all_formats_agree(tmp_path):
         pd.testing.assert_frame_equal(other.items, first.items, obj=fmt)
         pd.testing.assert_frame_equal(other.events, first.events, obj=fmt)
         assert other.counts == first.counts, fmt
+
+
+def retail_ii_frame() -> pd.DataFrame:
+    """The retail fixture in the Online Retail II layout (typed like the UCI original)."""
+    frame = pd.read_csv(FIXTURES / "online_retail.csv", dtype={"InvoiceNo": str, "StockCode": str})
+    frame["InvoiceDate"] = pd.to_datetime(frame["InvoiceDate"])
+    return frame.rename(
+        columns={"InvoiceNo": "Invoice", "UnitPrice": "Price", "CustomerID": "Customer ID"}
+    )
+
+
+def write_year_sheets(frame: pd.DataFrame, path: Path) -> Path:
+    """frame as an xlsx with Online Retail II's two sheets (rows 0-5, then the rest)."""
+    with pd.ExcelWriter(path) as excel:
+        for sheet, rows in (("Year 2009-2010", frame[:6]), ("Year 2010-2011", frame[6:])):
+            rows.to_excel(excel, sheet_name=sheet, index=False)
+    return path
+
+
+def test_online_retail_ii_layout_reads_like_the_old_one(tmp_path):
+    old = readers.read_online_retail(FIXTURES / "online_retail.csv")
+    assert old.detected == {"layout": "online-retail"}
+    expected = build_processed(old, ProcessOptions())
+    frame = retail_ii_frame()
+    paths = {
+        "csv": tmp_path / "online_retail_II.csv",
+        "parquet": tmp_path / "online_retail_II.parquet",
+        "xlsx": write_year_sheets(frame, tmp_path / "online_retail_II.xlsx"),
+    }
+    frame.to_csv(paths["csv"], index=False)
+    assert ",17850.0," in paths["csv"].read_text()  # Customer ID is a float column
+    frame.to_parquet(paths["parquet"])
+    for fmt, path in paths.items():
+        raw = readers.read_online_retail(path)
+        sheets = {"sheets": ["Year 2009-2010", "Year 2010-2011"]} if fmt == "xlsx" else {}
+        assert raw.detected == {"layout": "online-retail-ii"} | sheets, fmt
+        result = build_processed(raw, ProcessOptions())
+        pd.testing.assert_frame_equal(result.items, expected.items, obj=fmt)
+        pd.testing.assert_frame_equal(result.events, expected.events, obj=fmt)
+        assert result.counts == expected.counts, fmt
+
+
+def test_xlsx_errors_name_the_sheet_and_its_row(tmp_path):
+    frame = retail_ii_frame().astype({"Quantity": object})
+    frame.loc[7, "Quantity"] = "six"  # the second data row of the second sheet
+    path = write_year_sheets(frame, tmp_path / "online_retail_II.xlsx")
+    with pytest.raises(DataError) as error:
+        readers.read_online_retail(path)
+    assert str(error.value) == (
+        f"{path} sheet 'Year 2010-2011' row 3: Quantity 'six' is not an integer"
+    )
 
 
 def test_events_csv_with_iso_times_and_item_table():
