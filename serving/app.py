@@ -2,8 +2,9 @@
 
 `create_app(model_dir, ...)` builds an app whose startup loads the VERSION the policy picks
 under model_dir and polls for others. The module attribute `app` is built from the environment
-(MODEL_DIR, INDEX, POLL_SECONDS, MODEL_VERSION, ADMIN_TOKEN, ACCESS_LOG, MAX_BODY_BYTES) on
-first access, so `uvicorn main:app` works and importing this module for tests loads nothing.
+(MODEL_DIR, INDEX, POLL_SECONDS, MODEL_VERSION, KEEP_VERSIONS, AB_SPLIT, ADMIN_TOKEN,
+ACCESS_LOG, MAX_BODY_BYTES) on first access, so `uvicorn main:app` works and importing this
+module for tests loads nothing.
 """
 
 from __future__ import annotations
@@ -21,17 +22,22 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, 
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.contract import HISTORY_MAX
 from serving.metrics import RequestMetricsMiddleware, ServingMetrics
 from serving.model_store import INDEXES, ModelError, ModelStore, ServingModel, VersionPolicy
 from serving.schemas import (
     K_MAX,
     ErrorResponse,
     HealthResponse,
+    HistoryItem,
+    HistoryResponse,
+    ItemSearchResponse,
     MetadataResponse,
     RankRequest,
     RankResponse,
@@ -41,9 +47,13 @@ from serving.schemas import (
     ReloadResponse,
     ScoredItem,
     SimilarResponse,
+    UsersResponse,
+    VersionsResponse,
 )
+from serving.split import TrafficSplit
 
 DEFAULT_MODEL_DIR = "saved_model/sample"
+STATIC = Path(__file__).resolve().parent / "static"  # the browser page
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 1,000-item history of 256-character ids is ~260 KB
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 UNAVAILABLE = {503: {"model": ErrorResponse, "description": "no model loaded, or it failed"}}
@@ -56,14 +66,35 @@ async def get_store(request: Request) -> ModelStore:
 
 
 async def current_model(request: Request) -> ServingModel:
-    """The model a request uses from start to end (async: no thread hop just to read it)."""
+    """The default version (async: no thread hop just to read it)."""
     model = request.app.state.store.current
     if model is None:
         raise HTTPException(503, "no model version is loaded yet; see GET /ready")
     return model
 
 
-Model = Annotated[ServingModel, Depends(current_model)]
+async def chosen_model(request: Request, version: Annotated[int | None, Query(
+        ge=1, description="answer from this loaded version (GET /versions lists them)")] = None,
+                       ) -> ServingModel:
+    """The model a request uses from start to end: `?version=N`, else the version the A/B
+    split assigns to the path's user id, else the default version."""
+    store: ModelStore = request.app.state.store
+    if version is not None:
+        model = store.get(version)
+        if model is None:
+            raise HTTPException(404, f"model version {version} is not loaded (loaded: "
+                                     f"{store.loaded_versions}); see GET /versions")
+        return model
+    split: TrafficSplit | None = request.app.state.split
+    user_id = request.path_params.get("user_id")
+    if split is not None and user_id is not None:
+        model = store.get(split.assign(user_id))
+        if model is not None:
+            return model
+    return await current_model(request)
+
+
+Model = Annotated[ServingModel, Depends(chosen_model)]
 
 
 async def get_metrics(request: Request) -> ServingMetrics:
@@ -111,6 +142,7 @@ async def recommend(model: ServingModel, metrics: ServingMetrics, user_id: str |
     else:
         known, kinds, unknown = model.known_history(history, event_types)
         metrics.unknown_items.inc(len(unknown))
+    metrics.answers.labels(version=str(model.version)).inc()
     if not known:
         metrics.fallbacks.inc()
         return _json(RecommendationsResponse(
@@ -180,6 +212,59 @@ async def rank(model: Model, metrics: Metrics, body: RankRequest) -> RankRespons
                         unknown_candidates=unknown_candidates, unknown_items=unknown)
 
 
+@router.get("/users/{user_id}/history", response_model=HistoryResponse,
+            responses={404: {"model": ErrorResponse, "description": "unknown user"},
+                       **UNAVAILABLE})
+async def user_history(model: Model, user_id: Annotated[str, PathParam(max_length=256)],
+                       limit: Annotated[int, Query(ge=1, le=HISTORY_MAX)] = 50,
+                       ) -> HistoryResponse:
+    """A known user's stored events (the input of GET /recommendations/{user_id}), newest
+    first; the same version answers as for that user's recommendations."""
+    stored = model.histories.get(user_id)
+    if stored is None:
+        raise HTTPException(404, f"unknown user_id {user_id!r} (model version "
+                                 f"{model.version})")
+    history, kinds = stored
+    newest = [HistoryItem(item_id=item, title=model.titles.get(item, ""), event_type=kind)
+              for item, kind in zip(reversed(history), reversed(kinds), strict=True)]
+    return HistoryResponse(user_id=user_id, model_version=model.version, history=newest[:limit])
+
+
+@router.get("/users", response_model=UsersResponse, responses=UNAVAILABLE)
+async def users(model: Model, prefix: Annotated[str, Query(max_length=256)] = "",
+                limit: Annotated[int, Query(ge=1, le=K_MAX)] = 20) -> UsersResponse:
+    """Stored user ids starting with `prefix` (for pickers)."""
+    return UsersResponse(model_version=model.version, user_ids=model.users(prefix, limit))
+
+
+@router.get("/items", response_model=ItemSearchResponse, responses=UNAVAILABLE)
+def search_items(model: Model, q: Annotated[str, Query(min_length=1, max_length=256)],
+                 limit: Annotated[int, Query(ge=1, le=K_MAX)] = 20) -> ItemSearchResponse:
+    """Catalog items whose id or title contains `q` (case-insensitive), most popular first."""
+    return ItemSearchResponse(model_version=model.version,
+                              items=_scored(model, model.search(q, limit)))
+
+
+@router.get("/versions", response_model=VersionsResponse, responses=UNAVAILABLE)
+async def versions(request: Request, model: Annotated[ServingModel, Depends(current_model)]
+                   ) -> VersionsResponse:
+    """The loaded versions, the default one and the A/B split, if any."""
+    store: ModelStore = request.app.state.store
+    split: TrafficSplit | None = request.app.state.split
+    return VersionsResponse(default_version=model.version,
+                            loaded_versions=store.loaded_versions,
+                            version_policy=str(store.policy),
+                            ab_split={str(v): share for v, share in split.shares}
+                            if split else None)
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    """The browser page: a user's history and recommendations, sessions, similar items, two
+    versions side by side (plain HTML + JS over the JSON endpoints)."""
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
 @router.get("/health", response_model=HealthResponse)
 async def health() -> HealthResponse:
     """Liveness: the process answers."""
@@ -228,7 +313,8 @@ async def reload(store: Annotated[ModelStore, Depends(get_store)]) -> ReloadResp
     asked for while one runs shares its result; waiting holds no worker thread."""
     result = await asyncio.wrap_future(store.reload("admin"))
     return ReloadResponse(model_version=result.model_version, changed=result.changed,
-                          failed_versions={str(v): reason for v, reason in result.failed.items()})
+                          failed_versions={str(v): reason for v, reason in result.failed.items()},
+                          loaded_versions=result.loaded)
 
 
 async def _model_error(request: Request, error: ModelError) -> JSONResponse:
@@ -277,13 +363,19 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> Respon
 
 def create_app(model_dir: Path | str, index: str = "scann", poll_seconds: float = 10.0,
                policy: VersionPolicy | str = "latest", admin_token: str | None = None,
-               access_log: bool = False, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """An app serving the version `policy` picks under model_dir; loading happens at startup."""
+               access_log: bool = False, max_body_bytes: int = MAX_BODY_BYTES,
+               keep_versions: int = 2, ab_split: TrafficSplit | str | None = None) -> FastAPI:
+    """An app serving the versions `policy` picks under model_dir (the newest `keep_versions`
+    under `latest`) plus those `ab_split` names; loading happens at startup."""
     if isinstance(policy, str):
         policy = VersionPolicy.parse(policy)
+    policy = policy.with_keep(keep_versions)
+    if isinstance(ab_split, str):
+        ab_split = TrafficSplit.parse(ab_split)
     metrics = ServingMetrics()
     metrics.serving_index(index, INDEXES)
-    store = ModelStore(Path(model_dir), index, poll_seconds, policy, metrics)
+    store = ModelStore(Path(model_dir), index, poll_seconds, policy, metrics,
+                       extra=ab_split.versions if ab_split else ())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -297,7 +389,9 @@ def create_app(model_dir: Path | str, index: str = "scann", poll_seconds: float 
                   description="Two-tower sequential recommendations: retrieval (ScaNN or "
                               "brute force), ranking, similar items.")
     app.state.store, app.state.metrics, app.state.admin_token = store, metrics, admin_token
+    app.state.split = ab_split
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_exception_handler(ModelError, _model_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -319,7 +413,9 @@ def create_app_from_env() -> FastAPI:
                       os.environ.get("MODEL_VERSION", "latest"),
                       os.environ.get("ADMIN_TOKEN") or None,
                       os.environ.get("ACCESS_LOG", "").lower() in ("1", "true", "json", "on"),
-                      int(_env_number("MAX_BODY_BYTES", MAX_BODY_BYTES, int)))
+                      int(_env_number("MAX_BODY_BYTES", MAX_BODY_BYTES, int)),
+                      int(_env_number("KEEP_VERSIONS", 2, int)),
+                      os.environ.get("AB_SPLIT") or None)
 
 
 def __getattr__(name: str) -> FastAPI:

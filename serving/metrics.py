@@ -46,6 +46,9 @@ class ServingMetrics:
                                       buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300), registry=r)
         self.reloads = Counter("towerrec_reloads", "reload scans by trigger (poll or admin)",
                                ["trigger"], registry=r)
+        self.answers = Counter("towerrec_answers",
+                               "recommendation answers by the model version that answered",
+                               ["version"], registry=r)
         self.fallbacks = Counter("towerrec_popular_fallbacks",
                                  "answers with the most popular items (no known history item)",
                                  registry=r)

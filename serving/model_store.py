@@ -14,6 +14,8 @@ version whose directory disappears keeps serving from memory, with a WARNING.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import functools
 import gc
 import json
 import logging
@@ -22,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +90,11 @@ def list_versions(model_dir: Path, warned: set[str] | None = None) -> list[tuple
 
 @dataclass(frozen=True)
 class VersionPolicy:
-    """Which version to serve: the newest (`latest`) or one pinned version number."""
+    """Which version answers by default: the newest (`latest`) or one pinned version number;
+    and how many of the newest versions stay loaded (`keep`, for `?version=N` and splits)."""
 
     pinned: int | None = None
+    keep: int = 2
 
     @classmethod
     def parse(cls, text: str) -> VersionPolicy:
@@ -103,6 +107,11 @@ class VersionPolicy:
 
     def __str__(self) -> str:
         return "latest" if self.pinned is None else str(self.pinned)
+
+    def with_keep(self, keep: int) -> VersionPolicy:
+        if keep < 1:
+            raise ValueError(f"KEEP_VERSIONS={keep}: keep at least 1 version loaded")
+        return VersionPolicy(self.pinned, keep)
 
 
 @dataclass
@@ -125,6 +134,7 @@ class ServingModel:
     retrieval: dict[str, Callable]
     ranking: dict[str, Callable]
     saved_models: tuple  # the loaded roots, held so their variables live as long as signatures
+    counts: dict[str, float] = field(default_factory=dict)  # item_id -> training interactions
     batcher: Batcher | None = None  # the store's; None: each call runs on the caller's thread
 
     @property
@@ -178,7 +188,8 @@ class ServingModel:
                                         if not all(x in titles for x in h)),
             embedding_ids=embedding_ids, unit_embeddings=matrix / np.maximum(norms, 1e-12),
             embedding_row={item: row for row, item in enumerate(embedding_ids.tolist())},
-            retrieval=retrieval, ranking=ranking, saved_models=saved_models, batcher=batcher)
+            retrieval=retrieval, ranking=ranking, saved_models=saved_models, batcher=batcher,
+            counts=dict(zip(ids.tolist(), counts.tolist(), strict=True)))
         model.warm_up()
         log.info("loaded model version %d from %s (index %s, %d items, %d users) in %.1fs",
                  version, path, index, len(ids), len(model.histories), time.time() - started)
@@ -290,6 +301,36 @@ class ServingModel:
         out = await asyncio.wrap_future(self._rank_call(history, event_types, candidates))
         return self._ranked(candidates, out)
 
+    @functools.cached_property
+    def _search_table(self) -> pd.DataFrame:
+        """Every item, most popular first, with the lower-cased "id title" a search matches."""
+        table = pd.DataFrame({"item_id": list(self.titles), "title": list(self.titles.values())})
+        table["count"] = table["item_id"].map(self.counts).fillna(0.0)
+        table = table.sort_values(["count", "item_id"], ascending=[False, True], kind="stable")
+        table["key"] = (table["item_id"] + " " + table["title"]).str.lower()
+        return table.reset_index(drop=True)
+
+    def search(self, query: str, limit: int) -> list[tuple[str, float]]:
+        """Items whose id or title contains `query` (case-insensitive), most popular first."""
+        table = self._search_table
+        found = table[table["key"].str.contains(query.lower(), regex=False)].head(limit)
+        return list(zip(found["item_id"], found["count"].astype(float), strict=True))
+
+    @functools.cached_property
+    def _sorted_users(self) -> list[str]:
+        return sorted(self.histories)
+
+    def users(self, prefix: str, limit: int) -> list[str]:
+        """Stored user ids starting with `prefix`, sorted."""
+        users = self._sorted_users
+        start = bisect.bisect_left(users, prefix)
+        out = []
+        for user in users[start:start + limit]:
+            if not user.startswith(prefix):
+                break
+            out.append(user)
+        return out
+
     def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
         """Nearest items by cosine of item-tower vectors, the item itself excluded; None if the
         item has no vector."""
@@ -322,20 +363,29 @@ class ReloadResult:
     model_version: int | None
     changed: bool
     failed: dict[int, str]
+    loaded: list[int] = field(default_factory=list)
 
 
 class ModelStore:
-    """The current ServingModel, chosen among the versions under model_dir by the policy."""
+    """The loaded versions under model_dir and the one answering by default.
+
+    Under `latest` the `policy.keep` newest loadable versions stay loaded and the newest of them
+    answers by default (never an older one by itself: a withdrawn version keeps serving from
+    memory); a pinned policy loads and answers with that version. `extra` versions (those an
+    A/B split names) are loaded besides. Any loaded version answers `?version=N`.
+    """
 
     def __init__(self, model_dir: Path, index: str = "scann", poll_seconds: float = 10.0,
-                 policy: VersionPolicy = VersionPolicy(), metrics=None):
+                 policy: VersionPolicy = VersionPolicy(), metrics=None,
+                 extra: tuple[int, ...] = ()):
         import_index_ops(index)
         self.model_dir, self.index, self.poll_seconds = Path(model_dir), index, poll_seconds
-        self.policy, self.metrics = policy, metrics
+        self.policy, self.metrics, self.extra = policy, metrics, tuple(sorted(set(extra)))
         self._current: ServingModel | None = None
+        self._loaded: dict[int, ServingModel] = {}  # replaced whole, never mutated
         self._failed: dict[int, tuple[int, str]] = {}  # version -> (dir mtime, reason)
         self._warned_names: set[str] = set()
-        self._missing_warned: int | None = None  # served version already reported missing
+        self._warned_missing: set[int] = set()  # versions already reported missing
         # Every load runs on this one thread; _inflight is the load running now, if any.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self._inflight: Future | None = None
@@ -348,6 +398,14 @@ class ModelStore:
     def current(self) -> ServingModel | None:
         """Read once per request: the object stays valid even if a swap happens meanwhile."""
         return self._current
+
+    def get(self, version: int) -> ServingModel | None:
+        """A loaded version, or None."""
+        return self._loaded.get(version)
+
+    @property
+    def loaded_versions(self) -> list[int]:
+        return sorted(self._loaded, reverse=True)
 
     @property
     def loading(self) -> bool:
@@ -380,67 +438,98 @@ class ModelStore:
         """reload() and wait for its result."""
         return self.reload(trigger).result()
 
-    def _candidates(self, before: ServingModel | None) -> list[tuple[int, Path]]:
-        """Versions to try, in order, under the policy."""
-        versions = list_versions(self.model_dir, self._warned_names)
-        present = {version for version, _ in versions}
-        if before is not None and before.version not in present:
-            if self._missing_warned != before.version:
-                self._missing_warned = before.version
-                log.warning("served model version %d is gone from MODEL_DIR; still serving it "
-                            "from memory (policy %s)", before.version, self.policy)
+    def _warn_missing(self, version: int, message: str, *args) -> None:
+        if version not in self._warned_missing:
+            self._warned_missing.add(version)
+            log.warning(message, *args)
+
+    def _load(self, version: int, path: Path | None) -> ServingModel | None:
+        """The loaded version, or a new load of it; None when it is gone or refused (a failed
+        version is not retried until its directory is replaced)."""
+        if version in self._loaded:
+            return self._loaded[version]
+        try:
+            stamp = path.stat().st_mtime_ns
+        except (OSError, AttributeError):
+            return None  # removed while we looked
+        if self._failed.get(version, (None,))[0] == stamp:
+            return None
+        started = time.time()
+        try:
+            model = ServingModel.load(path, version, self.index, self._batcher)
+        except Exception as error:  # any broken file: refuse it, keep serving
+            reason = f"{type(error).__name__}: {error}"[:500]
+            self._failed[version] = (stamp, reason)
+            self._count_load("failed", started)
+            current = self._current
+            log.error("refusing model version %d at %s: %s; still serving %s", version, path,
+                      reason, current.version if current else "nothing")
+            return None
+        self._count_load("loaded", started)
+        return model
+
+    def _select(self, present: dict[int, Path]) -> dict[int, ServingModel]:
+        """Load what the policy and the split want; the versions to keep loaded."""
+        keep: dict[int, ServingModel] = {}
+        wanted = set(self.extra)
         if self.policy.pinned is not None:
-            if before is not None and before.version == self.policy.pinned:
-                return []
-            if self.policy.pinned not in present:
-                if self._missing_warned != -self.policy.pinned:
-                    self._missing_warned = -self.policy.pinned
-                    log.warning("pinned model version %d (MODEL_VERSION) is not in MODEL_DIR",
-                                self.policy.pinned)
-                return []
-            return [(v, p) for v, p in versions if v == self.policy.pinned]
-        # latest: newer versions only; never back to an older one by itself
-        return [(v, p) for v, p in versions if before is None or v > before.version]
+            wanted.add(self.policy.pinned)
+            if self.policy.pinned not in present and self.policy.pinned not in self._loaded:
+                self._warn_missing(-self.policy.pinned, "pinned model version %d "
+                                   "(MODEL_VERSION) is not in MODEL_DIR", self.policy.pinned)
+        else:
+            newest_first = sorted(set(present) | set(self._loaded), reverse=True)
+            for version in newest_first:
+                if len(keep) == self.policy.keep:
+                    break
+                model = self._load(version, present.get(version))
+                if model is not None:
+                    keep[version] = model
+        for version in sorted(wanted - set(keep), reverse=True):
+            model = self._load(version, present.get(version))
+            if model is not None:
+                keep[version] = model
+            elif version not in present:
+                self._warn_missing(version, "model version %d (named by the policy or "
+                                   "AB_SPLIT) is not in MODEL_DIR", version)
+        return keep
 
     def _refresh(self) -> ReloadResult:
-        """Serve the version the policy picks; loaded and warmed here, on the loader thread.
-        Versions that failed before are skipped unless their directory was replaced since."""
-        before = self._current
-        for version, path in self._candidates(before):
-            try:
-                stamp = path.stat().st_mtime_ns
-            except OSError:
-                continue  # removed while we looked
-            if self._failed.get(version, (None,))[0] == stamp:
-                continue
-            started = time.time()
-            try:
-                model = ServingModel.load(path, version, self.index, self._batcher)
-            except Exception as error:  # any broken file: refuse it, keep serving
-                reason = f"{type(error).__name__}: {error}"[:500]
-                self._failed[version] = (stamp, reason)
-                self._count_load("failed", started)
-                log.error("refusing model version %d at %s: %s; still serving %s", version,
-                          path, reason, before.version if before else "nothing")
-                continue
-            self._count_load("loaded", started)
-            self._current = model  # the swap: one reference assignment
-            newest = max((v for v, _ in list_versions(self.model_dir, self._warned_names)),
-                         default=version)
-            if self.policy.pinned is not None and version < newest:
-                log.warning("serving pinned model version %d by policy (MODEL_VERSION=%d); "
-                            "newest is %d", version, version, newest)
-            log.info("now serving model version %d (was %s)", version,
-                     before.version if before else "none")
-            if self.metrics is not None:
-                self.metrics.model_version.set(version)
-            break
-        current = self._current
+        """Load and warm what the policy wants, here on the loader thread, then swap."""
+        before, before_loaded = self._current, self._loaded
+        present = dict(list_versions(self.model_dir, self._warned_names))
+        for version in before_loaded:
+            if version not in present:
+                self._warn_missing(version, "served model version %d is gone from MODEL_DIR; "
+                                   "still serving it from memory (policy %s)", version,
+                                   self.policy)
+        loaded = self._select(present)
+        if self.policy.pinned is not None:
+            current = loaded.get(self.policy.pinned)
+        else:
+            current = loaded[max(loaded)] if loaded else None
+        if current is None and before is not None:  # never from something to nothing
+            current = before
+            loaded[before.version] = before
+        self._loaded, self._current = loaded, current  # the swap: two reference assignments
         changed = current is not before
-        del before  # let the collection below free the replaced model
         if changed:
+            newest = max(present, default=current.version)
+            if self.policy.pinned is not None and current.version < newest:
+                log.warning("serving pinned model version %d by policy (MODEL_VERSION=%d); "
+                            "newest is %d", current.version, current.version, newest)
+            log.info("now serving model version %d (was %s); loaded: %s", current.version,
+                     before.version if before else "none", self.loaded_versions)
+            if self.metrics is not None:
+                self.metrics.model_version.set(current.version)
+        dropped = set(before_loaded) - set(loaded)
+        if dropped:
+            log.info("unloaded model version(s) %s", sorted(dropped))
+        del before, before_loaded  # let the collection below free replaced models
+        if changed or dropped:
             _settle_memory()
-        return ReloadResult(current.version if current else None, changed, self.failed)
+        return ReloadResult(current.version if current else None, changed, self.failed,
+                            self.loaded_versions)
 
     def _count_load(self, outcome: str, started: float) -> None:
         if self.metrics is not None:

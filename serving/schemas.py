@@ -137,6 +137,41 @@ class ReloadResponse(BaseModel):
     changed: bool = Field(description="whether this call swapped in another version")
     failed_versions: dict[str, str] = Field(
         default_factory=dict, description="versions refused (not retried), with the reason")
+    loaded_versions: list[int] = Field(default_factory=list,
+                                       description="versions loaded now, newest first")
+
+
+class VersionsResponse(BaseModel):
+    default_version: int = Field(description="the version answering without ?version= or "
+                                             "a split")
+    loaded_versions: list[int] = Field(description="versions ?version=N can name, newest first")
+    version_policy: str
+    ab_split: dict[str, float] | None = Field(
+        default=None, description="version -> share of users (by a stable hash of the id)")
+
+
+class HistoryItem(BaseModel):
+    item_id: str
+    title: str
+    event_type: str
+
+
+class HistoryResponse(BaseModel):
+    user_id: str
+    model_version: int
+    history: list[HistoryItem] = Field(description="the user's stored events, newest first")
+
+
+class ItemSearchResponse(BaseModel):
+    model_version: int
+    items: list[ScoredItem] = Field(description="catalog items whose id or title contains the "
+                                                "query, most popular first (score: training "
+                                                "interactions)")
+
+
+class UsersResponse(BaseModel):
+    model_version: int
+    user_ids: list[str] = Field(description="stored user ids starting with the prefix, sorted")
 
 
 class ErrorResponse(BaseModel):

@@ -3,7 +3,14 @@ random DistilBERT saved like a Hugging Face model directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +109,48 @@ def op_types(saved_model_dir: Path) -> set[str]:
     for function in graph.library.function:
         ops |= {node.op for node in function.node_def}
     return ops
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def uvicorn_server(model_dir: Path, log_path: Path, ready: str = "/ready", **env: str):
+    """`uvicorn main:app` on 127.0.0.1 serving model_dir, once `ready` answers 200: yields
+    (url, process); stops it (SIGTERM, then kill) on the way out."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "MODEL_DIR": str(model_dir), "INDEX": "scann", **env}
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port",
+         str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, "server not ready after 180 s"
+            try:
+                if httpx.get(url + ready, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log.close()

@@ -333,7 +333,8 @@ def test_no_model_yet_then_admin_reload(version1, tmp_path):
         assert missing.status_code == 503 and "no model" in missing.json()["detail"]
         add_version(version1, tmp_path, 1)
         reload = empty.post("/admin/reload", headers=ADMIN).json()
-        assert reload == {"model_version": 1, "changed": True, "failed_versions": {}}
+        assert reload == {"model_version": 1, "changed": True, "failed_versions": {},
+                          "loaded_versions": [1]}
         assert empty.get("/ready").json()["model_version"] == 1
         assert empty.get("/recommendations/u000").status_code == 200
 

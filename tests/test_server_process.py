@@ -1,56 +1,17 @@
 """The real entry point: `uvicorn main:app` in a subprocess, queried over HTTP."""
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from support import uvicorn_server
 
 
 @pytest.fixture
 def server(tiny_export, tmp_path):
-    port = free_port()
-    env = {**os.environ, "MODEL_DIR": str(tiny_export[1]), "INDEX": "scann",
-           "POLL_SECONDS": "1"}
-    log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port",
-         str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "server not ready after 180 s"
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        yield url, process, tmp_path / "server.log"
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.close()
+    log = tmp_path / "server.log"
+    with uvicorn_server(tiny_export[1], log, POLL_SECONDS="1") as (url, process):
+        yield url, process, log
 
 
 def test_uvicorn_serves_the_export_over_http(server, tiny_export):
