@@ -2,9 +2,11 @@
 
 `train.py --data DIR --out DIR [flags]` trains a run (runs/NAME-TIMESTAMP), prints its test
 summary and exports it as saved_model/NAME/VERSION; `train.py export --run RUN_DIR` exports a
-finished run again, from the run directory alone. With `--distribute multiworker` every
-worker runs the same command; with `--distribute parameter_server` so do the chief, the workers
-and the ps tasks (TF_CONFIG says which is which; workers and ps tasks serve until stopped).
+finished run again, from the run directory alone; `train.py report --run RUN_DIR` rebuilds the
+run's report.html (each export rebuilds it too, with its ScaNN tuning curve). With
+`--distribute multiworker` every worker runs the same command; with `--distribute
+parameter_server` so do the chief, the workers and the ps tasks (TF_CONFIG says which is which;
+workers and ps tasks serve until stopped).
 """
 
 import sys
@@ -22,8 +24,16 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["export"]:
             args = cli.export_parser().parse_args(argv[1:])
             from serving.export import export_run
+            from training.run_report import write_run_report
 
-            export_run(Path(args.run), Path(args.out) if args.out else None)
+            version = export_run(Path(args.run), Path(args.out) if args.out else None)
+            write_run_report(args.run, version)
+            return 0
+        if argv[:1] == ["report"]:
+            args = cli.report_parser().parse_args(argv[1:])
+            from training.run_report import write_run_report
+
+            print(f"report: {write_run_report(args.run)}")
             return 0
         args = cli.train_parser().parse_args(argv)
         config = config_from_args(args)
@@ -35,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--data {args.data}: no such directory (run prepare_data.py)")
         from serving.export import export_run
         from training.report import summary_lines
+        from training.run_report import write_run_report
         from training.trainer import train
 
         run_dir = cli.run_dir_for(args.runs_dir, args.out)
@@ -43,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{task.task_type} {task.task_index} done; the chief wrote the run directory")
             return 0
         print("\n".join(summary_lines(results)), flush=True)
-        if config.export:
-            export_run(run_dir, Path(args.out))
+        if config.export:  # the report training wrote gains the export's ScaNN curve
+            write_run_report(run_dir, export_run(run_dir, Path(args.out)))
         print(f"run directory: {run_dir}")
         return 0
     except (ValueError, FileNotFoundError) as err:

@@ -73,17 +73,19 @@ class _SelfAttentionBlock(tf.keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, x, attention_bias, keep, training=None):
+        """-> (x [batch, seq, dim], attention weights [batch, heads, seq, seq] float32)."""
         if self.layout == "sasrec":
             query = self.attention_norm(x)
-            x = query + self._attend(query, attention_bias, training, kv_input=x)
-            x = self.ffn_norm(x)
+            attended, weights = self._attend(query, attention_bias, training, kv_input=x)
+            x = self.ffn_norm(query + attended)
             h = self.dropout(self.ffn_hidden(x), training=training)  # [batch, seq, ffn]
         else:
             h = self.attention_norm(x)
-            x = x + self._attend(h, attention_bias, training)
+            attended, weights = self._attend(h, attention_bias, training)
+            x = x + attended
             h = self.dropout(self.ffn_hidden(self.ffn_norm(x)), training=training)
         x = x + self.dropout(self.ffn_output(h), training=training)  # [batch, seq, dim]
-        return x * keep  # padded positions back to zero
+        return x * keep, weights  # padded positions back to zero
 
     def _project(self, h, columns: slice | None, parts: int):
         """h @ qkv[:, columns]: [batch, seq, dim] -> [parts, batch, heads, seq, head_dim]."""
@@ -97,7 +99,8 @@ class _SelfAttentionBlock(tf.keras.layers.Layer):
         return tf.transpose(out, [2, 0, 3, 1, 4])
 
     def _attend(self, query_input, attention_bias, training, kv_input=None):
-        """Causal attention; keys and values from `kv_input`, or from `query_input` if None."""
+        """Causal attention; keys and values from `kv_input`, or from `query_input` if None.
+        Returns the output and the softmax weights (before dropout)."""
         batch, seq = tf.shape(query_input)[0], tf.shape(query_input)[1]
         if kv_input is None:  # all heads' queries, keys and values in one matmul
             q, k, v = tf.unstack(self._project(query_input, None, 3))
@@ -108,10 +111,10 @@ class _SelfAttentionBlock(tf.keras.layers.Layer):
         scores = tf.matmul(q, k, transpose_b=True)  # [batch, heads, seq, seq]
         # Softmax in float32: the -1e9 bias overflows float16 under mixed precision.
         weights = tf.nn.softmax(tf.cast(scores, tf.float32) + attention_bias)
-        weights = self.dropout(tf.cast(weights, query_input.dtype), training=training)
-        out = tf.matmul(weights, v)  # [batch, heads, seq, hd]
+        dropped = self.dropout(tf.cast(weights, query_input.dtype), training=training)
+        out = tf.matmul(dropped, v)  # [batch, heads, seq, hd]
         out = tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [batch, seq, self.dim])
-        return self.attention_output(out)  # [batch, seq, dim]
+        return self.attention_output(out), weights  # [batch, seq, dim]
 
 
 @tf.keras.utils.register_keras_serializable(package="towerrec")
@@ -178,7 +181,11 @@ class SASRec(tf.keras.layers.Layer):
             _build_in_scope(layer, self.dim)
         super().build(input_shape)
 
-    def call(self, sequence_embeddings, padding_mask, event_types=None, training=None):
+    def call(self, sequence_embeddings, padding_mask, event_types=None, training=None,
+             return_attention=False):
+        """With `return_attention`, also each block's attention weights (before dropout), a list
+        of [batch, heads, query, key]: a real query's row sums to 1 over the real keys up to it,
+        padded keys and padded queries' rows are 0. The output is the same either way."""
         seq_len = sequence_embeddings.shape[1]
         if seq_len is not None and seq_len > self.max_len:
             raise ValueError(f"SASRec(max_len={self.max_len}) got sequences of length {seq_len}")
@@ -196,9 +203,16 @@ class SASRec(tf.keras.layers.Layer):
         x = self.dropout(x, training=training) * keep
 
         attention_bias = causal_attention_bias(padding_mask)  # [batch, 1, seq, seq]
+        attention = []
         for block in self.blocks:
-            x = block(x, attention_bias, keep, training=training)
-        return self.final_norm(x) * keep  # [batch, seq, dim]
+            x, weights = block(x, attention_bias, keep, training=training)
+            attention.append(weights)
+        x = self.final_norm(x) * keep  # [batch, seq, dim]
+        if not return_attention:
+            return x
+        # A padded query sees no key, so its softmax row is uniform: zero it.
+        real_queries = tf.cast(padding_mask, tf.float32)[:, None, :, None]
+        return x, [weights * real_queries for weights in attention]
 
     def get_config(self):
         return {

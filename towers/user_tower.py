@@ -49,6 +49,16 @@ class UserTower(tf.keras.layers.Layer):
             return encoded
         return self.projection(encoded)  # [batch, seq, dim]
 
+    def attention_weights(self, item_vectors: tf.Tensor, padding_mask: tf.Tensor,
+                          event_types: tf.Tensor | None = None) -> list[tf.Tensor]:
+        """SASRec's attention in inference mode, one [batch, heads, query, key] tensor per
+        block: a real query's row sums to 1 over the real keys up to it, padding is 0."""
+        if self.kind != "sasrec":
+            raise ValueError(f"a {self.kind} user tower has no attention weights")
+        _, weights = self.encoder(item_vectors, padding_mask, event_types=event_types,
+                                  training=False, return_attention=True)
+        return weights
+
     def get_config(self):
         return {**super().get_config(), "kind": self.kind, "dim": self.dim,
                 "max_len": self.max_len, "num_blocks": self.num_blocks,

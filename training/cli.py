@@ -1,6 +1,7 @@
 """Command line of train.py: flags (one per TrainConfig field, see training/config.py) and what
 the console shows. `train.py --data DIR --out DIR [flags]` trains (then exports);
-`train.py export --run RUN_DIR [--out DIR]` re-exports a finished run."""
+`train.py export --run RUN_DIR [--out DIR]` re-exports a finished run; `train.py report --run
+RUN_DIR` rebuilds its report.html."""
 
 from __future__ import annotations
 
@@ -40,6 +41,15 @@ def export_parser() -> argparse.ArgumentParser:
                                      "Needs only the run directory.")
     parser.add_argument("--run", required=True, help="run directory (runs/NAME-TIMESTAMP)")
     parser.add_argument("--out", help="export dir (default: the one the run was trained for)")
+    _verbose_flag(parser)
+    return parser
+
+
+def report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py report",
+                                     description="Rebuild report.html of a finished run, with "
+                                     "the ScaNN tuning curve of its newest export.")
+    parser.add_argument("--run", required=True, help="run directory (runs/NAME-TIMESTAMP)")
     _verbose_flag(parser)
     return parser
 

@@ -1,10 +1,12 @@
 """What a finished run reports: metrics.json, training curves, metadata.json (where the data
-came from, versions, device, time, memory) and the summary lines the CLI prints."""
+came from, versions, device, time, memory), report.html (training/run_report.py) and the
+summary lines the CLI prints."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import resource
 from pathlib import Path
@@ -13,6 +15,10 @@ import pandas as pd
 
 from towers import run_dir as run_files
 from towers.run_dir import package_versions
+from training.run_report import write_run_report
+from training.slices import slice_lines
+
+log = logging.getLogger(__name__)
 
 
 def peak_rss_mb() -> float:
@@ -38,7 +44,7 @@ def plot_curves(history: pd.DataFrame, path: Path) -> None:
 
 
 def write_report(run_dir: Path, results: dict, metadata: dict, manifest: dict) -> None:
-    """metrics.json, training_curves.png (from history.csv) and metadata.json."""
+    """metrics.json, training_curves.png (from history.csv), metadata.json and report.html."""
     (run_dir / run_files.METRICS).write_text(json.dumps(results, indent=2))
     plot_curves(pd.read_csv(run_dir / run_files.HISTORY), run_dir / run_files.CURVES)
     manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
@@ -47,6 +53,11 @@ def write_report(run_dir: Path, results: dict, metadata: dict, manifest: dict) -
                 "versions": package_versions(), **metadata,
                 "peak_rss_mb": round(peak_rss_mb(), 1)}
     (run_dir / run_files.METADATA).write_text(json.dumps(metadata, indent=2))
+    try:  # a figure that cannot be drawn must not cost the trained run its export
+        write_run_report(run_dir)
+    except Exception:
+        log.exception("report.html was not written; the run is complete (retry: python "
+                      "train.py report --run %s)", run_dir)
 
 
 def summary_lines(results: dict) -> list[str]:
@@ -57,6 +68,10 @@ def summary_lines(results: dict) -> list[str]:
              f"coverage@10 {test['coverage@10']:.3f}",
              f"popularity baseline:             HR@10 {pop['hr@10']:.4f}  "
              f"NDCG@10 {pop['ndcg@10']:.4f}  MRR {pop['mrr']:.4f}"]
+    if "text_knn_test" in results:
+        knn = results["text_knn_test"]
+        lines.append(f"text kNN baseline (last item):   HR@10 {knn['hr@10']:.4f}  "
+                     f"NDCG@10 {knn['ndcg@10']:.4f}  MRR {knn['mrr']:.4f}")
     if "sampled_hr@10" in test:
         lines.append(f"sampled ({results['sampled_negatives']} negatives, not comparable to "
                      f"full): HR@10 {test['sampled_hr@10']:.4f}  "
@@ -65,6 +80,8 @@ def summary_lines(results: dict) -> list[str]:
         cold = results["cold_test"]
         lines.append(f"cold items ({cold['users']} test users): HR@10 {cold['hr@10']:.4f}  "
                      f"NDCG@10 {cold['ndcg@10']:.4f}")
+    if "slices" in results:
+        lines.extend(slice_lines(results["slices"]))
     if math.isfinite(results["positions_per_second"]):
         lines.append(f"{results['epochs']} epochs, {results['seconds_per_epoch']:.1f}s/epoch, "
                      f"{results['positions_per_second']:,.0f} positions/s")
