@@ -46,6 +46,17 @@ CONFIGS = {
     "reference-sampled-adam": [*REFERENCE, "--negatives", "sampled", "--optimizer", "adam"],
     "reference-sampled-lazy": [*REFERENCE, "--negatives", "sampled", "--optimizer", "lazy_adam"],
 }
+# Making text pay off (README "Text"): each technique alone and together on the full model.
+CONFIGS.update({
+    "sasrec-id-dropout": ["--user-tower", "sasrec", "--id-dropout", "0.3"],
+    "sasrec-text-init": ["--user-tower", "sasrec", "--id-init", "text"],
+    "sasrec-text-init-id-dropout": ["--user-tower", "sasrec", "--id-init", "text",
+                                    "--id-dropout", "0.3"],
+    "sasrec-no-ranking": ["--user-tower", "sasrec", "--ranking-weight", "0"],
+    "sasrec-moe": ["--user-tower", "sasrec", "--text-experts", "4"],
+    "sasrec-id-dropout-0.5": ["--user-tower", "sasrec", "--id-dropout", "0.5"],
+    "sasrec-unseen-negatives": ["--user-tower", "sasrec", "--unseen-negatives", "true"],
+})
 DEFAULT_CONFIGS = ["sasrec", "gru", "sasrec-reference"]
 
 
@@ -65,6 +76,11 @@ def main() -> int:
     parser.add_argument("--text-model", default="distilbert-base-uncased",
                         help="falls back to the packaged MiniLM when it can't be downloaded")
     parser.add_argument("--work", default=str(ROOT / "data" / "bench"))
+    parser.add_argument("--train-args", default="",
+                        help="extra train.py flags for every run, e.g. '--cold-items 0.1'")
+    parser.add_argument("--prepare-args", default="",
+                        help="extra prepare_data.py flags, e.g. '--max-user-events 5' (the "
+                             "variant gets its own data directory)")
     args = parser.parse_args()
 
     unknown = sorted(set(args.configs.split(",")) - set(CONFIGS))
@@ -72,17 +88,19 @@ def main() -> int:
         parser.error(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     prepare_args, max_len = DATASETS[args.dataset]
     work = Path(args.work)
-    data = work / args.dataset
-    run([sys.executable, "prepare_data.py", *prepare_args, "--out", str(data)])
+    variant = "".join(c if c.isalnum() else "-" for c in args.prepare_args).strip("-")
+    data = work / (f"{args.dataset}-{variant}" if variant else args.dataset)
+    run([sys.executable, "prepare_data.py", *prepare_args, *args.prepare_args.split(),
+         "--out", str(data)])
     rows = []
     for name in args.configs.split(","):
-        runs_dir = work / "runs" / f"{args.dataset}-{name}"
+        runs_dir = work / "runs" / f"{data.name}-{name}"
         cmd = [sys.executable, "train.py", "--data", str(data),
                "--out", str(work / "models" / f"{args.dataset}-{name}"),
                "--runs-dir", str(runs_dir), "--max-seq-len", str(max_len),
                "--epochs", str(args.epochs), "--time-budget-minutes", str(args.budget_minutes),
                "--export", "false", "--text-model", args.text_model, "--text-fallback", "true",
-               *CONFIGS[name]]
+               *CONFIGS[name], *args.train_args.split()]
         started = time.time()
         run(cmd)
         run_dir = max(runs_dir.glob("*"), key=lambda p: p.stat().st_mtime)
@@ -90,11 +108,19 @@ def main() -> int:
         metadata = json.loads((run_dir / "metadata.json").read_text())
         text = metrics["text_encoder"]
         text = "all-MiniLM-L6-v2" if "minilm" in text.lower() else Path(text).name
-        row = {"dataset": args.dataset, "config": name, "text": text,
+        row = {"dataset": args.dataset, "variant": args.prepare_args,
+               "train_args": args.train_args, "config": name, "text": text,
                "hr@10": metrics["test"]["hr@10"], "ndcg@10": metrics["test"]["ndcg@10"],
                "mrr": metrics["test"]["mrr"],
                "pop_hr@10": metrics["popularity_test"]["hr@10"],
                "pop_ndcg@10": metrics["popularity_test"]["ndcg@10"],
+               "knn_ndcg@10": metrics.get("text_knn_test", {}).get("ndcg@10"),
+               "cold_ndcg@10": metrics.get("cold_test", {}).get("ndcg@10"),
+               "cold_knn_ndcg@10": metrics.get("cold_text_knn_test", {}).get("ndcg@10"),
+               "slices": {name: {"users": entry["users"],
+                                 **{scorer: entry[scorer]["ndcg@10"] for scorer in entry
+                                    if scorer != "users"}}
+                          for name, entry in metrics.get("slices", {}).items()},
                "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
                "s/epoch": metrics["seconds_per_epoch"],
                "positions/s": metrics["positions_per_second"],
@@ -114,7 +140,26 @@ def main() -> int:
               f"| {r['ndcg@10']:.4f} | {r['pop_hr@10']:.4f} | {r['pop_ndcg@10']:.4f} "
               f"| {r['epochs']} | {r['s/epoch']:.1f} | {r['positions/s']:,.0f} "
               f"| {r['peak_mb']:,.0f} |")
+    print_slices(rows)
     return 0
+
+
+def print_slices(rows: list[dict]) -> None:
+    """NDCG@10 by slice, each model beside the popularity and text kNN baselines."""
+    names = [n for n in rows[0]["slices"] if any(r["slices"][n]["users"] for r in rows)]
+    if not names:
+        return
+    print("\nNDCG@10 by slice: model (popularity / text kNN); users in the header")
+    print("| tower | " + " | ".join(f"{n} ({rows[0]['slices'][n]['users']:,})" for n in names)
+          + " |")
+    print("|---|" + "---|" * len(names))
+    for r in rows:
+        cells = []
+        for n in names:
+            entry = r["slices"][n]
+            knn = f" / {entry['text_knn']:.4f}" if "text_knn" in entry else ""
+            cells.append(f"{entry['model']:.4f} ({entry['popularity']:.4f}{knn})")
+        print(f"| {r['config']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,15 @@ def evaluate(score_fn: ScoreFn, data: EvalSet, num_items: int, batch_size: int =
 
     `rows` restricts the evaluation to a subset of the EvalSet (e.g. cold-item targets).
     """
+    return evaluate_ranks(score_fn, data, num_items, batch_size, sampled_negatives, seed,
+                          rows)[0]
+
+
+def evaluate_ranks(score_fn: ScoreFn, data: EvalSet, num_items: int, batch_size: int = 512,
+                   sampled_negatives: int = 0, seed: int = 0, rows: np.ndarray | None = None,
+                   ) -> tuple[dict[str, float], np.ndarray]:
+    """`evaluate`'s metrics and the full-catalog rank of each row's target (in `rows` order),
+    from which slices are computed without scoring again."""
     rows = np.arange(len(data.target)) if rows is None else rows
     rng = np.random.default_rng(seed)
     # Keep one score block under ~1 GB however large the catalog is.
@@ -86,10 +95,10 @@ def evaluate(score_fn: ScoreFn, data: EvalSet, num_items: int, batch_size: int =
         ranks.append(ranks_from_scores(scores, targets, seen))
         top = np.argpartition(-scores, min(10, num_items - 1), axis=1)[:, :10]
         in_top10[top.ravel()] = True
-    ranks = np.concatenate(ranks) if ranks else np.zeros(0)
+    ranks = np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
     out = metrics_from_ranks(ranks)
     out["coverage@10"] = float(in_top10[1:].sum() / max(num_items, 1))
     out["users"] = int(len(rows))
     if sampled_negatives:
         out.update(metrics_from_ranks(np.concatenate(sampled_ranks), prefix="sampled_"))
-    return out
+    return out, ranks

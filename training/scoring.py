@@ -12,8 +12,9 @@ import tensorflow as tf
 
 from towers.model import TwoTowerModel
 from training.config import TrainConfig
-from training.evaluate import evaluate
+from training.evaluate import evaluate, evaluate_ranks, metrics_from_ranks
 from training.sequences import EvalSet, Sequences, eval_set
+from training.slices import slice_metrics
 
 log = logging.getLogger(__name__)
 
@@ -111,24 +112,42 @@ def _any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
     return float(strategy.experimental_local_results(votes)[0]) > 0
 
 
+def text_knn_scorer(text: np.ndarray, data: EvalSet):
+    """The content baseline with no training: every item scored by the cosine of its text
+    vector with the user's last input item's (text [num_items + 1, d], row 0 padding)."""
+    norms = np.linalg.norm(text, axis=1, keepdims=True)
+    unit = (text / np.maximum(norms, 1e-12)).astype(np.float32)
+    return lambda rows: unit[data.history[rows, -1]] @ unit.T
+
+
 def score_test_split(model: TwoTowerModel, seqs: Sequences, config: TrainConfig,
-                 counts: np.ndarray, use_events: bool) -> dict:
-    """Test split metrics of the model and of the popularity baseline (`counts` per item),
-    overall and, when items were held out, on the cold-item targets."""
+                     counts: np.ndarray, use_events: bool,
+                     text: np.ndarray | None = None) -> dict:
+    """Test split metrics of the model, the popularity baseline (`counts` per item) and, with
+    `text` vectors, the text content baseline: overall, by slice (training/slices.py) and,
+    when items were held out, on the cold-item targets."""
     test = eval_set(seqs, "test", config.max_seq_len)
     scorer = UserScorer(model, test, use_events)
     rows = subset(len(test.target), config.test_users, config.seed)
-    common = dict(num_items=seqs.num_items, batch_size=config.eval_batch_size, seed=config.seed)
+    rows = np.arange(len(test.target)) if rows is None else rows
+    common = dict(num_items=seqs.num_items, batch_size=config.eval_batch_size, seed=config.seed,
+                  sampled_negatives=config.sampled_negatives, rows=rows)
     popular = lambda batch: np.broadcast_to(counts, (len(batch), len(counts)))  # noqa: E731
-    results = {"test": evaluate(scorer, test, sampled_negatives=config.sampled_negatives,
-                                rows=rows, **common),
-               "popularity_test": evaluate(popular, test, rows=rows,
-                                           sampled_negatives=config.sampled_negatives, **common)}
+    baselines = {"popularity": popular}
+    if text is not None:
+        baselines["text_knn"] = text_knn_scorer(text, test)
+    results, ranks = {}, {}
+    results["test"], ranks["model"] = evaluate_ranks(scorer, test, **common)
+    for name, score_fn in baselines.items():
+        results[f"{name}_test"], ranks[name] = evaluate_ranks(score_fn, test, **common)
+    lengths = np.array([len(test.seen[i]) for i in rows])
+    results["slices"] = slice_metrics(ranks, test.target[rows], lengths, counts)
     if len(seqs.cold_items):
-        cold_rows = np.flatnonzero(np.isin(test.target, seqs.cold_items))
-        if rows is not None:
-            cold_rows = np.intersect1d(cold_rows, rows)
+        cold = np.isin(test.target[rows], seqs.cold_items)
         results["cold_items"] = int(len(seqs.cold_items))
-        results["cold_test"] = evaluate(scorer, test, rows=cold_rows, **common)
-        results["cold_popularity_test"] = evaluate(popular, test, rows=cold_rows, **common)
+        for name, key in (("model", "cold_test"), ("popularity", "cold_popularity_test"),
+                          ("text_knn", "cold_text_knn_test")):
+            if name in ranks:
+                results[key] = {**metrics_from_ranks(ranks[name][cold]),
+                                "users": int(cold.sum())}
     return results

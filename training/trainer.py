@@ -80,7 +80,7 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
     with strategy.scope():
         model = TwoTowerModel.from_spec(spec, data.positions_per_batch(config))
         install_features(model, features, data.popularity, spec.text_pooling,
-                         spec.finetune_layers)
+                         spec.finetune_layers, config.id_init)
         model.compile(optimizer=make_optimizer(optimizer, config.lr, config.adam_beta2))
     shards = sharded_tables(model.item_tower)
     for name, devices in shards.items():
@@ -100,13 +100,15 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
 
     # The test split is scored once, with the checkpoint chosen on validation.
     model.load_weights(str(checkpoint))
+    text = features.text
     if spec.text_tokens:  # fine-tuned: export rebuilds the item tower from these vectors
         ids = np.arange(seqs.num_items + 1, dtype=np.int32)
-        np.save(run_dir / run_files.TEXT_VECTORS, np.concatenate([
+        text = np.concatenate([
             tf.cast(model.item_tower.text_vectors(ids[i:i + 256]), tf.float32).numpy()
-            for i in range(0, len(ids), 256)]))
+            for i in range(0, len(ids), 256)])
+        np.save(run_dir / run_files.TEXT_VECTORS, text)
     results = score_test_split(model, seqs, config, data.train_counts.astype(np.float64),
-                               use_events)
+                               use_events, text)
     epoch_times = validation.epoch_times
     results.update({
         "best_valid_ndcg@10": validation.best, "best_epoch": validation.best_epoch + 1,
