@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from towers.item_tower import ItemTower
-from towers.tasks import NextItemRetrieval, mixed_sampling_probability
+from towers.tasks import NextItemRetrieval, expected_candidate_count
 from towers.user_tower import UserTower
 
 
@@ -26,8 +26,17 @@ def test_logq_correction_subtracts_log_q():
     corrected = _task(logq_correction=True)(queries, targets, candidates, ids, index)
     plain = _task(logq_correction=False)(queries, targets, candidates, ids, index)
     assert float(corrected) < float(plain)
-    q = mixed_sampling_probability(ids, _task().popularity, 2, 2, 4).numpy()
+    q = expected_candidate_count(ids, _task().popularity, 2, 2, 4).numpy()
     assert q[0] > q[1]
+
+
+def test_logq_uses_inclusion_probability_of_the_deduplicated_pool():
+    # 1,000 popularity draws: an item with p = 0.5 is in the distinct pool almost surely and
+    # one with p = 0.001 with chance 1 - 0.999^1000 = 0.632; as per-draw shares they would
+    # differ 500x. Uniform draws add num_sampled / num_items to each.
+    pop = tf.constant([0.0, 0.5, 0.001, 0.0])
+    q = expected_candidate_count(tf.constant([1, 2, 3]), pop, 1000, 30, 3).numpy()
+    np.testing.assert_allclose(q, [1.0 + 10.0, 1 - 0.999 ** 1000 + 10.0, 10.0], rtol=1e-4)
 
 
 def test_accidental_hits_are_removed():
@@ -46,6 +55,7 @@ def test_accidental_hits_are_removed():
 def test_full_softmax_ignores_padding_column():
     task = NextItemRetrieval(num_items=3, mode="full")
     task.build(None)
+    task.popularity.assign([0.0, 0.4, 0.3, 0.3])
     items = tf.constant([[100.0], [1.0], [0.0], [0.0]])  # padding row would dominate
     loss = task(tf.constant([[1.0]]), tf.constant([1]), items)
     assert float(loss) < 1.0
@@ -80,3 +90,69 @@ def test_user_tower_projection_is_optional():
     config = projected.get_config()
     assert config["projection"] is True and config["layout"] == "sasrec"
     assert UserTower.from_config(config).get_config() == config
+
+
+def test_id_dropout_drops_whole_items_consistently_within_a_step():
+    tower = ItemTower(num_items=2000, dim=4, id_dropout=0.3)
+    tower.build(None)
+    tower.set_item_features(np.r_[0.0, np.ones(2000)].astype(np.float32))
+    tower.id_embedding.assign(np.ones((2001, 4), np.float32))
+    ids = tf.range(1, 2001)
+    seed = tf.constant(12345, tf.int64)
+    kept = tower(ids, drop_seed=seed)[:, 0].numpy() > 0
+    assert abs((~kept).mean() - 0.3) < 0.04  # the share of items dropped
+    # The same item in another call of the same step (e.g. as a negative): same decision.
+    again = tower(tf.reverse(ids, [0]), drop_seed=seed)[:, 0].numpy()[::-1] > 0
+    np.testing.assert_array_equal(kept, again)
+    other = tower(ids, drop_seed=tf.constant(999, tf.int64))[:, 0].numpy() > 0
+    assert (kept != other).mean() > 0.2  # another step drops other items
+    assert (tower(ids)[:, 0].numpy() > 0).all()  # no seed (inference): nothing dropped
+
+
+def test_text_initial_ids_follow_text_similarity():
+    from training.features import text_initial_ids
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(3, 32))
+    text = np.vstack([np.zeros(32)] + [base[i % 3] + 0.05 * rng.normal(size=32)
+                                       for i in range(30)] + [np.zeros(32)])
+    ids = text_initial_ids(text, 8)
+    assert ids.shape == (32, 8) and not ids[0].any() and not ids[-1].any()
+    assert abs(ids[1:-1].std() - 0.02) < 1e-3
+    unit = ids[1:-1] / np.linalg.norm(ids[1:-1], axis=1, keepdims=True)
+    sims = unit @ unit.T
+    same = np.equal.outer(np.arange(30) % 3, np.arange(30) % 3)
+    assert sims[same].mean() > 0.9 > sims[~same].mean()
+
+
+def test_expert_adaptor_is_a_gated_mixture_of_whitened_projections():
+    tower = ItemTower(num_items=3, dim=2, text_dim=3, text_experts=2)
+    tower.build(None)
+    text = tf.constant([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    tower.expert_bias.assign([[1.0, 0, 0], [0, 0, 0]])
+    tower.expert_kernel.assign([np.eye(3)[:, :2], 2 * np.eye(3)[:, :2]])
+    tower.expert_gate.assign(np.zeros((3, 2)))  # equal weights
+    out = tower.project_text(text).numpy()
+    # item 1: expert 0 sees [0, 0, 0], expert 1 [1, 0, 0] -> 2 * [1, 0]; mean [1, 0].
+    # item 2: expert 0 sees [-1, 1, 0] -> [-1, 1], expert 1 -> [0, 2]; mean [-0.5, 1.5].
+    np.testing.assert_allclose(out, [[1.0, 0.0], [-0.5, 1.5]], atol=1e-6)
+
+
+def test_never_trained_items_are_not_negatives():
+    # Item 3 has no training interaction (popularity 0): a huge score for it must not raise
+    # the loss, unless unseen_negatives asks for the old behaviour.
+    queries = tf.constant([[1.0, 0.0]])
+    items = tf.constant([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [50.0, 0.0], [0.0, 0.0]])
+    masked, kept = (NextItemRetrieval(num_items=4, mode="full", unseen_negatives=u)
+                    for u in (False, True))
+    for task in (masked, kept):
+        task.build(None)
+        task.popularity.assign([0.0, 0.5, 0.3, 0.0, 0.2])
+    assert float(masked(queries, tf.constant([1]), items)) < 2.0
+    assert float(kept(queries, tf.constant([1]), items)) > 40.0
+    # Sampled: the same item drawn as a uniform negative.
+    sampled = _task()
+    sampled.popularity.assign([0.0, 0.7, 0.3, 0.0, 0.0])
+    loss = sampled(queries, tf.constant([1]), tf.constant([[1.0, 0.0], [50.0, 0.0]]),
+                   tf.constant([1, 3]), tf.constant([0]))
+    assert float(loss) < 1e-3

@@ -20,8 +20,15 @@ class ItemTower(tf.keras.layers.Layer):
 
     def __init__(self, num_items: int, dim: int, text_dim: int = 0, num_categories: int = 0,
                  num_brands: int = 0, num_price_buckets: int = 0, text_tokens: int = 0,
-                 **kwargs):
+                 id_dropout: float = 0.0, text_experts: int = 0, **kwargs):
         super().__init__(**kwargs)
+        # 0: one Dense projection of the text vector; n > 0: a mixture of n parametric-whitening
+        # experts ((x - b_i) W_i, softmax-gated by x; UniSRec's adaptor for frozen text).
+        self.text_experts = text_experts
+        # Share of items per training step whose id embedding is left out (DropoutNet, Volkovs
+        # et al. 2017): the text + metadata path learns to stand alone, as it must for items
+        # never seen in training.
+        self.id_dropout = id_dropout
         self.num_items = num_items  # real items are 1..num_items
         self.dim = dim
         self.text_dim = text_dim  # width of text vectors (0 = no text)
@@ -59,7 +66,13 @@ class ItemTower(tf.keras.layers.Layer):
             self.token_table = self.add_weight("token_table", [rows, self.text_tokens],
                                                dtype=tf.int32, initializer="zeros",
                                                trainable=False)
-        if self.text_dim:
+        if self.text_dim and self.text_experts:
+            n, d = self.text_experts, self.text_dim
+            self.expert_bias = self.add_weight("expert_bias", [n, d], initializer="zeros")
+            self.expert_kernel = self.add_weight("expert_kernel", [n, d, self.dim],
+                                                 initializer=init())
+            self.expert_gate = self.add_weight("expert_gate", [d, n], initializer="zeros")
+        elif self.text_dim:
             # Small init: the text term starts on the scale of the id embeddings, so the
             # pretrained vectors don't swamp SASRec's sqrt(dim)-scaled inputs.
             self.text_projection = tf.keras.layers.Dense(
@@ -104,14 +117,35 @@ class ItemTower(tf.keras.layers.Layer):
             return tf.gather(tf.math.l2_normalize(pooled, axis=-1), position)
         return rows(self.text_table, flat_ids)
 
-    def call(self, item_idx: tf.Tensor) -> tf.Tensor:
+    def project_text(self, text: tf.Tensor) -> tf.Tensor:
+        """Text vectors [n, text_dim] -> the item tower's space [n, dim]."""
+        if not self.text_experts:
+            return self.text_projection(text)
+        dtype = text.dtype
+        whitened = text[:, None, :] - tf.cast(self.expert_bias, dtype)[None]  # [n, e, d]
+        experts = tf.einsum("ned,edk->nek", whitened, tf.cast(self.expert_kernel, dtype))
+        gate = tf.nn.softmax(tf.matmul(text, tf.cast(self.expert_gate, dtype)))  # [n, e]
+        return tf.einsum("nek,ne->nk", experts, gate)
+
+    def dropout_seed(self) -> tf.Tensor | None:
+        """A fresh seed for one training step's id dropout (None when it is off): every call
+        of the step passes it, so an item loses its id embedding everywhere in the step (as
+        input, target and negative) or nowhere."""
+        if not self.id_dropout:
+            return None
+        return tf.random.uniform([], 0, 2**31 - 1, tf.int64)
+
+    def call(self, item_idx: tf.Tensor, drop_seed: tf.Tensor | None = None) -> tf.Tensor:
         shape = tf.shape(item_idx)
         ids = tf.reshape(tf.cast(item_idx, tf.int32), [-1])  # [n]
         seen = rows(self.seen_in_training, ids)[:, None]  # [n, 1]
+        if drop_seed is not None:
+            keep = _hash_uniform(ids, drop_seed) >= self.id_dropout
+            seen *= tf.cast(keep, seen.dtype)[:, None]
         vectors = rows(self.id_embedding, ids) * seen  # [n, dim]
         if self.text_dim:
             text = tf.cast(self.text_vectors(ids), self.compute_dtype)
-            vectors += tf.cast(self.text_projection(text), vectors.dtype)
+            vectors += tf.cast(self.project_text(text), vectors.dtype)
         for table, embedding in self.meta_tables.values():
             vectors += rows(embedding, rows(table, ids))
         vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
@@ -121,7 +155,17 @@ class ItemTower(tf.keras.layers.Layer):
         return {**super().get_config(), "num_items": self.num_items, "dim": self.dim,
                 "text_dim": self.text_dim, "num_categories": self.num_categories,
                 "num_brands": self.num_brands, "num_price_buckets": self.num_price_buckets,
-                "text_tokens": self.text_tokens}
+                "text_tokens": self.text_tokens, "id_dropout": self.id_dropout,
+                "text_experts": self.text_experts}
+
+
+def _hash_uniform(ids: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """A value in [0, 1) per id, the same for equal ids under one seed (an integer mix of the
+    two: cheap, no table the size of the catalog)."""
+    x = tf.cast(ids, tf.int64) * 2654435761 + seed
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15)) * 2246822519
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 13))
+    return tf.cast(tf.math.floormod(x, 1 << 24), tf.float32) / float(1 << 24)
 
 
 def rows(table: tf.Variable, ids: tf.Tensor) -> tf.Tensor:

@@ -85,6 +85,7 @@ class TwoTowerModel(tfrs.models.Model):
                                num_brands=spec.meta_sizes.get("brand", 0),
                                num_price_buckets=spec.meta_sizes.get("price_bucket", 0),
                                text_tokens=0 if frozen_text else spec.text_tokens,
+                               id_dropout=spec.id_dropout, text_experts=spec.text_experts,
                                name="item_tower")
         user_tower = UserTower(spec.user_tower, spec.dim, spec.max_seq_len,
                                num_blocks=spec.num_blocks, num_heads=spec.num_heads,
@@ -92,7 +93,8 @@ class TwoTowerModel(tfrs.models.Model):
                                num_event_types=spec.num_event_types, layout=spec.sasrec_layout,
                                projection=spec.user_projection, name="user_tower")
         retrieval = NextItemRetrieval(spec.num_items, spec.retrieval_mode, spec.num_negatives,
-                                      spec.logq_correction, name="retrieval")
+                                      spec.logq_correction, spec.unseen_negatives,
+                                      name="retrieval")
         return cls(item_tower, user_tower, retrieval, spec.ranking_mode, spec.retrieval_weight,
                    spec.ranking_weight, spec.purchase_pos_weight, positions_per_batch)
 
@@ -122,16 +124,16 @@ class TwoTowerModel(tfrs.models.Model):
         return model, spec
 
     # ---- inference pieces, reused by evaluation and export ----
-    def all_item_vectors(self) -> tf.Tensor:
+    def all_item_vectors(self, drop_seed: tf.Tensor | None = None) -> tf.Tensor:
         ids = tf.range(self.item_tower.num_items + 1)
-        return self.item_tower(ids)  # [num_items + 1, dim]
+        return self.item_tower(ids, drop_seed=drop_seed)  # [num_items + 1, dim]
 
     def sequence_vectors(self, history: tf.Tensor, item_vectors: tf.Tensor | None = None,
-                         event_types: tf.Tensor | None = None,
-                         training: bool | None = None) -> tf.Tensor:
+                         event_types: tf.Tensor | None = None, training: bool | None = None,
+                         drop_seed: tf.Tensor | None = None) -> tf.Tensor:
         """User vector after each position: [batch, seq, dim]."""
         if item_vectors is None:
-            embedded = self.item_tower(history)
+            embedded = self.item_tower(history, drop_seed=drop_seed)
         else:
             embedded = tf.gather(item_vectors, history)  # [batch, seq, dim]
         return self.user_tower(embedded, history > 0, event_types=event_types,
@@ -152,9 +154,10 @@ class TwoTowerModel(tfrs.models.Model):
     def compute_loss(self, features, training: bool = False) -> tf.Tensor:
         history, targets = features["history"], features["targets"]
         full = self.retrieval.mode == "full"
-        all_items = self.all_item_vectors() if full else None
+        seed = self.item_tower.dropout_seed() if training else None  # id dropout, one per step
+        all_items = self.all_item_vectors(seed) if full else None
         sequence = self.sequence_vectors(history, all_items, features.get("event_types"),
-                                         training=training)  # [batch, seq, dim]
+                                         training=training, drop_seed=seed)  # [batch, seq, dim]
         has_target = targets > 0
         queries = tf.boolean_mask(sequence, has_target)  # [positions, dim]
         target_ids = tf.boolean_mask(targets, has_target)  # [positions]
@@ -165,14 +168,14 @@ class TwoTowerModel(tfrs.models.Model):
             # Other replicas' targets are in the pool as ids: their vectors are computed here,
             # so this replica's gradient reaches their rows too.
             pool, target_index, draws = self.retrieval.candidate_pool(target_ids)
-            pool_vectors = self.item_tower(pool)  # [c, dim]
+            pool_vectors = self.item_tower(pool, drop_seed=seed)  # [c, dim]
             retrieval_loss = self.retrieval(queries, target_ids, pool_vectors, pool,
                                             target_index, draws)
             target_vectors = tf.gather(pool_vectors, target_index)
         loss = self.retrieval_weight * retrieval_loss
         if self.ranking_mode != "none":
             loss += self.ranking_weight * self._ranking_loss(
-                features, has_target, queries, target_vectors, training)
+                features, has_target, queries, target_vectors, training, seed)
         if training and self.positions_per_batch:
             # Batches of similar-length windows hold very different numbers of positions;
             # scaling each batch's mean by its share keeps every position's weight the same
@@ -182,7 +185,7 @@ class TwoTowerModel(tfrs.models.Model):
                 self.positions_per_batch / replicas)
         return loss
 
-    def _ranking_loss(self, features, has_target, queries, target_vectors, training):
+    def _ranking_loss(self, features, has_target, queries, target_vectors, training, seed):
         queries = tf.cast(queries, tf.float32)
         target_vectors = tf.cast(target_vectors, tf.float32)
         if self.ranking_mode == "rating":
@@ -194,7 +197,7 @@ class TwoTowerModel(tfrs.models.Model):
             positives = tf.boolean_mask(features["target_purchase"], has_target)
             negative_ids = tf.random.uniform(tf.shape(positives), 1,
                                              self.item_tower.num_items + 1, tf.int32)
-            negatives = tf.cast(self.item_tower(negative_ids), tf.float32)
+            negatives = tf.cast(self.item_tower(negative_ids, drop_seed=seed), tf.float32)
             predictions = tf.concat([self.ranking_head(queries, target_vectors),
                                      self.ranking_head(queries, negatives)], axis=0)
             labels = tf.concat([positives, tf.zeros_like(positives)], axis=0)

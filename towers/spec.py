@@ -9,7 +9,7 @@ model from the spec and a checkpoint alone.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 
@@ -43,6 +43,9 @@ class ModelSpec:
     ranking_weight: float
     text_pooling: str
     finetune_layers: int
+    id_dropout: float = 0.0  # share of items whose id embedding is dropped per training step
+    text_experts: int = 0  # 0: Dense text projection; n: mixture of n whitening experts
+    unseen_negatives: bool = False  # never-trained items as softmax negatives (the old way)
 
     @property
     def event_type_of_requests(self) -> str | None:
@@ -58,8 +61,9 @@ class ModelSpec:
     @classmethod
     def load(cls, path: str | Path) -> ModelSpec:
         data = json.loads(Path(path).read_text())
-        missing = sorted({f.name for f in fields(cls)} - set(data))
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"{path}: model spec lacks {', '.join(missing)} (written by an "
                              "older towerrec; train the run again to export it)")
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})

@@ -40,7 +40,7 @@ class NextItemRetrieval(tf.keras.layers.Layer):
     """
 
     def __init__(self, num_items: int, mode: str = "full", num_negatives: int = 1024,
-                 logq_correction: bool = True, **kwargs):
+                 logq_correction: bool = True, unseen_negatives: bool = False, **kwargs):
         # The loss is computed in float32 even under a mixed-precision policy.
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
@@ -48,6 +48,10 @@ class NextItemRetrieval(tf.keras.layers.Layer):
             raise ValueError(f"retrieval mode must be 'full' or 'sampled', got {mode!r}")
         self.num_items, self.mode = num_items, mode
         self.num_negatives, self.logq_correction = num_negatives, logq_correction
+        # Items with no training interaction (held-out cold items, say) are never a target, so
+        # as negatives they could only be pushed down, through the text and metadata they share
+        # with the items that will need them: by default they are left out of the softmax.
+        self.unseen_negatives = unseen_negatives
         self.remove_accidental_hits = tfrs.layers.loss.RemoveAccidentalHits(dtype="float32")
         self.logq = tfrs.layers.loss.SamplingProbablityCorrection(dtype="float32")
 
@@ -93,12 +97,14 @@ class NextItemRetrieval(tf.keras.layers.Layer):
             # Row 0 of `candidates` is padding: score items 1..N only, labels shifted by one.
             logits = tf.matmul(queries, tf.cast(candidates[1:], tf.float32),
                                transpose_b=True)  # [positions, num_items]
+            logits = self._without_unseen(logits, self.popularity[1:])
             losses = tf.nn.sparse_softmax_cross_entropy_with_logits(target_ids - 1, logits)
             return tf.reduce_mean(losses)
         logits = tf.matmul(queries, tf.cast(candidates, tf.float32),
                            transpose_b=True)  # [positions, candidates]
         labels = tf.one_hot(target_index, tf.shape(candidate_ids)[0])  # [positions, c]
         logits = self.remove_accidental_hits(labels, logits, candidate_ids)
+        logits = self._without_unseen(logits, tf.gather(self.popularity, candidate_ids))
         if self.logq_correction:
             draws = tf.shape(target_ids)[0] if draws is None else draws
             q = expected_candidate_count(candidate_ids, self.popularity, draws,
@@ -107,6 +113,13 @@ class NextItemRetrieval(tf.keras.layers.Layer):
         losses = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
         return tf.reduce_mean(losses)
 
+    def _without_unseen(self, logits: tf.Tensor, popularity: tf.Tensor) -> tf.Tensor:
+        """Logits with the columns of never-trained items (popularity 0) at -1e9."""
+        if self.unseen_negatives:
+            return logits
+        return tf.where(popularity[None, :] > 0, logits, -1e9)
+
     def get_config(self):
         return {**super().get_config(), "num_items": self.num_items, "mode": self.mode,
-                "num_negatives": self.num_negatives, "logq_correction": self.logq_correction}
+                "num_negatives": self.num_negatives, "logq_correction": self.logq_correction,
+                "unseen_negatives": self.unseen_negatives}

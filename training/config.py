@@ -24,6 +24,9 @@ class TrainConfig:
     finetune_layers: int = 2  # top transformer blocks trained in finetune mode
     cache_dir: str = "cache/text"
     use_metadata: bool = True  # category / brand / price-bucket embeddings
+    id_dropout: float = 0.0  # share of items per step trained without their id embedding
+    id_init: str = "random"  # random | text (id table starts from PCA of the text vectors)
+    text_experts: int = 0  # 0: one Dense text projection; n: n whitening experts, gated
     price_buckets: int = 10
     dim: int = 64
     max_seq_len: int = 50
@@ -38,6 +41,7 @@ class TrainConfig:
     full_softmax_max_items: int = 50_000  # auto: full softmax up to this catalog size
     num_negatives: int = 1024
     logq_correction: bool = True
+    unseen_negatives: bool = False  # also use never-trained (cold) items as negatives
     retrieval_weight: float = 1.0
     ranking_weight: float = 0.1
     ranking_target: str = "auto"  # auto | rating | purchase | none
@@ -76,7 +80,7 @@ class TrainConfig:
                    "train_windows": ("last", "all"), "negatives": ("auto", "full", "sampled"),
                    "ranking_target": ("auto", "rating", "purchase", "none"),
                    "mixed_precision": ("auto", "on", "off"),
-                   "optimizer": ("auto", "adam", "lazy_adam"),
+                   "optimizer": ("auto", "adam", "lazy_adam"), "id_init": ("random", "text"),
                    "distribute": ("auto", "mirrored", "multiworker", "parameter_server",
                                   "none")}
         for name, allowed in choices.items():
@@ -89,6 +93,13 @@ class TrainConfig:
         if self.dim % self.num_heads:
             raise ValueError(f"config dim={self.dim} must be divisible by "
                              f"num_heads={self.num_heads}")
+        if self.text_experts < 0:
+            raise ValueError(f"config text_experts must be >= 0, got {self.text_experts}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"config id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.id_init == "text" and (self.text_model == "none" or self.text_mode != "frozen"):
+            raise ValueError("config id_init=text needs a frozen text model (text_model not "
+                             "'none', text_mode frozen)")
         if not 0.0 <= self.cold_items < 1.0:
             raise ValueError(f"config cold_items must be in [0, 1), got {self.cold_items}")
         if self.ps_shards < 0:

@@ -101,7 +101,10 @@ def model_spec(config: TrainConfig, data: TrainingData) -> ModelSpec:
         sasrec_layout=config.sasrec_layout, user_projection=config.user_projection,
         num_negatives=config.num_negatives, logq_correction=config.logq_correction,
         retrieval_weight=config.retrieval_weight, ranking_weight=config.ranking_weight,
-        text_pooling=config.text_pooling, finetune_layers=config.finetune_layers)
+        text_pooling=config.text_pooling, finetune_layers=config.finetune_layers,
+        id_dropout=config.id_dropout if features.text_dim or features.meta_sizes else 0.0,
+        text_experts=config.text_experts if features.text_dim else 0,
+        unseen_negatives=config.unseen_negatives)
 
 
 def user_histories(seqs: Sequences, items: pd.DataFrame) -> pd.DataFrame:

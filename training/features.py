@@ -94,11 +94,33 @@ def item_features(items: pd.DataFrame, train_counts: np.ndarray,
     return features
 
 
+def text_initial_ids(text: np.ndarray, dim: int, std: float = 0.02) -> np.ndarray:
+    """Initial id embeddings from the text vectors [num_items + 1, d]: their top `dim`
+    principal components, scaled to the random init's per-coordinate std (padding row 0 and
+    textless rows stay 0); items with similar text start close together."""
+    vectors = text.astype(np.float64)
+    has_text = np.linalg.norm(vectors, axis=1) > 0
+    has_text[0] = False
+    out = np.zeros((len(text), dim), np.float32)
+    if has_text.sum() < 2:
+        return out
+    centred = vectors[has_text] - vectors[has_text].mean(axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    projected = centred @ components[:dim].T  # [n, <= dim]
+    projected *= std / max(projected.std(), 1e-12)
+    out[has_text, :projected.shape[1]] = projected
+    return out
+
+
 def install_features(model: TwoTowerModel, features: ItemFeatures, popularity: np.ndarray,
-                     pooling: str, finetune_layers: int) -> None:
-    """Fill a new model's feature tables and the retrieval task's sampling popularity."""
+                     pooling: str, finetune_layers: int, id_init: str = "random") -> None:
+    """Fill a new model's feature tables and the retrieval task's sampling popularity;
+    `id_init="text"` starts the id table from the text vectors."""
     model.item_tower.set_item_features(features.seen_in_training, features.text,
                                        features.tokens, features.meta)
+    if id_init == "text" and features.text is not None:
+        model.item_tower.id_embedding.assign(text_initial_ids(features.text,
+                                                              model.item_tower.dim))
     if features.tokens is not None:
         model.item_tower.attach_text_encoder(features.encoder.model, pooling, finetune_layers)
     model.retrieval.build(None)
