@@ -139,6 +139,12 @@ def score_batch(model, users: Sequence[str], k: int) -> tuple[list[list[str]], l
     (serving.batching.run_batch pads the rows).
 
     `model` is a loaded serving.model_store.ServingModel."""
+    return score_histories(model, [model.histories[user] for user in users], k)
+
+
+def score_histories(model, histories: Sequence[tuple[list[str], list[str]]], k: int
+                    ) -> tuple[list[list[str]], list[list[float]]]:
+    """score_batch() for given (history, event types) rows, newest last, one per user."""
     import numpy as np
     import tensorflow as tf
 
@@ -147,8 +153,8 @@ def score_batch(model, users: Sequence[str], k: int) -> tuple[list[list[str]], l
     from serving.model_store import ModelError
 
     requests, rows = [], []
-    for user in users:
-        history, kinds, _ = model.known_history(*model.histories[user])
+    for stored in histories:
+        history, kinds, _ = model.known_history(*stored)
         rows.append(len(requests) if history else None)
         if history:
             requests.append({c.HISTORY: history, c.EVENT_TYPES: kinds})

@@ -173,8 +173,9 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
         metadata = {
             "model_version": version, "run_dir": str(run_dir.resolve()),
             "data": run_info.get("data"), "data_source": manifest.get("source"),
-            "data_manifest": {key: manifest.get("counts", manifest).get(key)
-                              for key in ("num_users", "num_items", "num_events")},
+            "data_manifest": {**{key: manifest.get("counts", manifest).get(key)
+                                 for key in ("num_users", "num_items", "num_events")},
+                              "split": manifest.get("options", {}).get("split")},
             "config": settings, "model_spec": spec.to_dict(),
             "test_metrics": (json.loads(metrics_file.read_text())
                              if metrics_file.exists() else None),
