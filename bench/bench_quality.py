@@ -56,6 +56,7 @@ CONFIGS.update({
     "sasrec-moe": ["--user-tower", "sasrec", "--text-experts", "4"],
     "sasrec-id-dropout-0.5": ["--user-tower", "sasrec", "--id-dropout", "0.5"],
     "sasrec-unseen-negatives": ["--user-tower", "sasrec", "--unseen-negatives", "true"],
+    "reference-dropout-0.5": [*REFERENCE, "--dropout", "0.5"],
 })
 DEFAULT_CONFIGS = ["sasrec", "gru", "sasrec-reference"]
 

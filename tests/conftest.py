@@ -18,3 +18,9 @@ def tiny_export(tmp_path_factory):
     from support import train_tiny
 
     return train_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def version1(tiny_export):
+    """The tiny export's version directory (copy it before changing anything in it)."""
+    return tiny_export[1] / "1"

@@ -55,11 +55,6 @@ def expected_similar(version_dir: Path, item_id: str, k: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def version1(tiny_export):
-    return tiny_export[1] / "1"
-
-
-@pytest.fixture(scope="module")
 def tables(version1):
     items = pd.read_parquet(version1 / "items.parquet")
     users = pd.read_parquet(version1 / "user_histories.parquet")

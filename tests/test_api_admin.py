@@ -16,11 +16,6 @@ from serving.app import create_app
 
 
 @pytest.fixture(scope="module")
-def version1(tiny_export):
-    return tiny_export[1] / "1"
-
-
-@pytest.fixture(scope="module")
 def client(version1, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     add_version(version1, root, 1)

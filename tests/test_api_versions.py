@@ -13,11 +13,6 @@ from serving.split import TrafficSplit
 
 
 @pytest.fixture(scope="module")
-def version1(tiny_export):
-    return tiny_export[1] / "1"
-
-
-@pytest.fixture(scope="module")
 def two_versions(version1, tmp_path_factory):
     root = tmp_path_factory.mktemp("two")
     add_version(version1, root, 1)

@@ -1,6 +1,7 @@
 """Towers and the retrieval task: log-Q sign, accidental hits, cold items, padding."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from towers.item_tower import ItemTower
@@ -156,3 +157,26 @@ def test_never_trained_items_are_not_negatives():
     loss = sampled(queries, tf.constant([1]), tf.constant([[1.0, 0.0], [50.0, 0.0]]),
                    tf.constant([1, 3]), tf.constant([0]))
     assert float(loss) < 1e-3
+
+
+def test_auto_id_dropout_only_with_never_trained_items_and_text():
+    from types import SimpleNamespace
+
+    from training.config import TrainConfig
+    from training.data import AUTO_ID_DROPOUT, id_dropout
+
+    def data(counts, text_dim=8, meta=None):
+        return SimpleNamespace(train_counts=np.array([0, *counts]),
+                               seqs=SimpleNamespace(num_items=len(counts)),
+                               features=SimpleNamespace(text_dim=text_dim, meta_sizes=meta or {}))
+
+    warm = data([3] * 200)
+    cold = data([3] * 198 + [0, 0])  # 1% never trained
+    auto = TrainConfig()
+    assert id_dropout(auto, warm) == 0.0
+    assert id_dropout(auto, cold) == AUTO_ID_DROPOUT
+    assert id_dropout(auto, data([3] * 198 + [0, 0], text_dim=0)) == 0.0  # nothing to stand on
+    assert id_dropout(auto, data([3] * 198 + [0, 0], 0, {"category": 4})) == AUTO_ID_DROPOUT
+    assert id_dropout(TrainConfig(id_dropout="0.5"), warm) == 0.5
+    with pytest.raises(ValueError, match="id_dropout"):
+        TrainConfig(id_dropout="lots").validate()

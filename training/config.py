@@ -24,7 +24,10 @@ class TrainConfig:
     finetune_layers: int = 2  # top transformer blocks trained in finetune mode
     cache_dir: str = "cache/text"
     use_metadata: bool = True  # category / brand / price-bucket embeddings
-    id_dropout: float = 0.0  # share of items per step trained without their id embedding
+    # share of items per step trained without their id embedding (DropoutNet), or auto:
+    # AUTO_ID_DROPOUT when at least COLD_SHARE_FOR_ID_DROPOUT of the catalog has no training
+    # interaction (training/data.py), else 0
+    id_dropout: str = "auto"
     id_init: str = "random"  # random | text (id table starts from PCA of the text vectors)
     text_experts: int = 0  # 0: one Dense text projection; n: n whitening experts, gated
     price_buckets: int = 10
@@ -95,8 +98,14 @@ class TrainConfig:
                              f"num_heads={self.num_heads}")
         if self.text_experts < 0:
             raise ValueError(f"config text_experts must be >= 0, got {self.text_experts}")
-        if not 0.0 <= self.id_dropout < 1.0:
-            raise ValueError(f"config id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.id_dropout != "auto":
+            try:
+                share = float(self.id_dropout)
+            except ValueError:
+                share = -1.0
+            if not 0.0 <= share < 1.0:
+                raise ValueError(f"config id_dropout must be 'auto' or a number in [0, 1), got "
+                                 f"{self.id_dropout!r}")
         if self.id_init == "text" and (self.text_model == "none" or self.text_mode != "frozen"):
             raise ValueError("config id_init=text needs a frozen text model (text_model not "
                              "'none', text_mode frozen)")

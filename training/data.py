@@ -78,6 +78,24 @@ def retrieval_mode(config: TrainConfig, num_items: int) -> str:
     return "full"
 
 
+AUTO_ID_DROPOUT = 0.3
+COLD_SHARE_FOR_ID_DROPOUT = 0.01
+
+
+def id_dropout(config: TrainConfig, data: TrainingData) -> float:
+    """The id-dropout share: as configured, or `auto`. Dropping id embeddings trains the text +
+    metadata path to stand alone, which is what items without training interactions get; it
+    costs warm-item accuracy where text predicts little (README: ml-1m -8%, online-retail
+    cold items 0 -> 0.076 NDCG@10), so `auto` turns it on only when the catalog has such items
+    (>= 1% of it) and there is text or metadata to stand on."""
+    if not (data.features.text_dim or data.features.meta_sizes):
+        return 0.0
+    if config.id_dropout != "auto":
+        return float(config.id_dropout)
+    never_trained = float((data.train_counts[1:] == 0).mean()) if data.seqs.num_items else 0.0
+    return AUTO_ID_DROPOUT if never_trained >= COLD_SHARE_FOR_ID_DROPOUT else 0.0
+
+
 def model_spec(config: TrainConfig, data: TrainingData) -> ModelSpec:
     seqs, features = data.seqs, data.features
     mode = ranking_mode(config, seqs)
@@ -102,7 +120,7 @@ def model_spec(config: TrainConfig, data: TrainingData) -> ModelSpec:
         num_negatives=config.num_negatives, logq_correction=config.logq_correction,
         retrieval_weight=config.retrieval_weight, ranking_weight=config.ranking_weight,
         text_pooling=config.text_pooling, finetune_layers=config.finetune_layers,
-        id_dropout=config.id_dropout if features.text_dim or features.meta_sizes else 0.0,
+        id_dropout=id_dropout(config, data),
         text_experts=config.text_experts if features.text_dim else 0,
         unseen_negatives=config.unseen_negatives)
 
