@@ -24,16 +24,16 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["export"]:
             args = cli.export_parser().parse_args(argv[1:])
             from serving.export import export_run
-            from training.run_report import write_run_report
+            from training.run_report import try_run_report
 
             version = export_run(Path(args.run), Path(args.out) if args.out else None)
-            write_run_report(args.run, version)
+            try_run_report(Path(args.run), version)
             return 0
         if argv[:1] == ["report"]:
             args = cli.report_parser().parse_args(argv[1:])
             from training.run_report import write_run_report
 
-            print(f"report: {write_run_report(args.run)}")
+            write_run_report(args.run)  # logs the report's path
             return 0
         args = cli.train_parser().parse_args(argv)
         config = config_from_args(args)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--data {args.data}: no such directory (run prepare_data.py)")
         from serving.export import export_run
         from training.report import summary_lines
-        from training.run_report import write_run_report
+        from training.run_report import try_run_report
         from training.trainer import train
 
         run_dir = cli.run_dir_for(args.runs_dir, args.out)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print("\n".join(summary_lines(results)), flush=True)
         if config.export:  # the report training wrote gains the export's ScaNN curve
-            write_run_report(run_dir, export_run(run_dir, Path(args.out)))
+            try_run_report(run_dir, export_run(run_dir, Path(args.out)))
         print(f"run directory: {run_dir}")
         return 0
     except (ValueError, FileNotFoundError) as err:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import resource
 from pathlib import Path
@@ -15,10 +14,8 @@ import pandas as pd
 
 from towers import run_dir as run_files
 from towers.run_dir import package_versions
-from training.run_report import write_run_report
+from training.run_report import try_run_report
 from training.slices import slice_lines
-
-log = logging.getLogger(__name__)
 
 
 def peak_rss_mb() -> float:
@@ -53,11 +50,7 @@ def write_report(run_dir: Path, results: dict, metadata: dict, manifest: dict) -
                 "versions": package_versions(), **metadata,
                 "peak_rss_mb": round(peak_rss_mb(), 1)}
     (run_dir / run_files.METADATA).write_text(json.dumps(metadata, indent=2))
-    try:  # a figure that cannot be drawn must not cost the trained run its export
-        write_run_report(run_dir)
-    except Exception:
-        log.exception("report.html was not written; the run is complete (retry: python "
-                      "train.py report --run %s)", run_dir)
+    try_run_report(run_dir)
 
 
 def summary_lines(results: dict) -> list[str]:

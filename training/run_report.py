@@ -98,6 +98,17 @@ def write_run_report(run_dir: str | Path, version_dir: Path | None = None) -> Pa
     return run_dir / REPORT
 
 
+def try_run_report(run_dir: Path, version_dir: Path | None = None) -> None:
+    """write_run_report after work that is already done (training, an export): a figure that
+    cannot be drawn must not cost the run its export nor the export its exit code, so a failure
+    is logged with the command that retries it."""
+    try:
+        write_run_report(run_dir, version_dir)
+    except Exception:
+        log.exception("report.html was not written; the run is complete (retry: python "
+                      "train.py report --run %s)", run_dir)
+
+
 def newest_export(run_dir: Path) -> Path | None:
     """The newest VERSION under the run's recorded export directory exported from this run."""
     info_file = run_dir / run_files.EXPORT_INFO
