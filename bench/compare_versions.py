@@ -38,14 +38,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tfenv  # noqa: E402  (TF settings before TensorFlow loads)
+import tfenv  # noqa: E402,F401  (TF settings before TensorFlow loads)
 
 # isort: split
 import numpy as np  # noqa: E402
 
 from recdata.process import LEAVE_ONE_OUT  # noqa: E402
 from serving import contract as c  # noqa: E402
-from serving.batch import INDEXES, BatchError, exported_k, resolve_version  # noqa: E402
+from serving.batch import (  # noqa: E402
+    INDEXES,
+    BatchError,
+    exported_k,
+    parse_cli,
+    resolve_version,
+)
 from towers import run_dir as run_files  # noqa: E402
 
 log = logging.getLogger("compare_versions")
@@ -420,14 +426,9 @@ def parse_version(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as error:  # argparse printed the problem (or --help)
-        return int(error.code or 0)
-    tfenv.library_noise(args.verbose)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    args = parse_cli(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     out = Path(args.json) if args.json else None
     try:
         if out is not None and out.is_dir():

@@ -385,15 +385,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse_cli(parser: argparse.ArgumentParser,
+              argv: list[str] | None) -> argparse.Namespace | int:
+    """Arguments of a script with `-v`, its logging set up; or the exit code argparse chose
+    (it has printed the problem, or --help)."""
     try:
         args = parser.parse_args(argv)
-    except SystemExit as error:  # argparse printed the problem (or --help)
+    except SystemExit as error:
         return int(error.code or 0)
     tfenv.library_noise(args.verbose)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_cli(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     from tqdm import tqdm
 
     prog = "serving.batch"

@@ -75,9 +75,11 @@ def test_keep_one_version_loads_only_the_newest(two_versions):
         create_app(two_versions, "bruteforce", keep_versions=0)
 
 
-def test_split_sends_each_user_to_one_version(two_versions, version1):
+def test_split_sends_each_user_to_one_version(version1, tmp_path):
     split = "1:0.5,2:0.5"
-    with TestClient(create_app(two_versions, "bruteforce", poll_seconds=0, keep_versions=1,
+    add_version(version1, tmp_path, 1)  # its own directory: it adds a version below
+    add_version(version1, tmp_path, 2, edit=shift_embeddings)
+    with TestClient(create_app(tmp_path, "bruteforce", poll_seconds=0, keep_versions=1,
                                ab_split=split, admin_token=TOKEN)) as app:
         # The split's versions are loaded even when the policy alone would keep one.
         assert app.get("/versions").json()["loaded_versions"] == [2, 1]
@@ -95,7 +97,7 @@ def test_split_sends_each_user_to_one_version(two_versions, version1):
         assert app.get(f"/recommendations/{user}?version={other}").json()["model_version"] \
             == other
         # A newer version becomes the default; the split's users stay where they were.
-        add_version(version1, two_versions, 3)
+        add_version(version1, tmp_path, 3)
         assert app.post("/admin/reload", headers=ADMIN).json()["loaded_versions"] == [3, 2, 1]
         assert {u: app.get(f"/recommendations/{u}").json()["model_version"]
                 for u in users} == answers

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ REPORT = "report.html"
 FIGURES = {"curves": "report_curves.png", "atlas": "report_atlas.png",
            "attention": "report_attention.png", "scann": "report_scann.png"}
 VERSION_METADATA = "metadata.json"  # serving/contract.py METADATA (training cannot import it)
+VERSION_NAME = re.compile(r"[0-9]+")  # as serving/model_store.py: str.isdigit() accepts "²"
 ATLAS_POINTS = 20_000  # most items drawn in the atlas (the labelled ones always are)
 ATLAS_LABELS = 15  # most-interacted items named in the atlas
 ATLAS_CATEGORIES = 10  # the rest are "other"
@@ -116,7 +118,7 @@ def newest_export(run_dir: Path) -> Path | None:
     if not export_dir or not Path(export_dir).is_dir():
         return None
     versions = sorted((p for p in Path(export_dir).iterdir()
-                       if p.name.isdigit() and (p / VERSION_METADATA).exists()),
+                       if VERSION_NAME.fullmatch(p.name) and (p / VERSION_METADATA).exists()),
                       key=lambda p: int(p.name), reverse=True)
     return next((v for v in versions if json.loads((v / VERSION_METADATA).read_text())
                  .get("run_dir") == str(run_dir.resolve())), None)
