@@ -63,6 +63,16 @@ CONFIGS.update({
     "sasrec-moe": ["--user-tower", "sasrec", "--id-dropout", "0", "--text-experts", "4",
                    "--unseen-negatives", "true"],
     "sasrec-no-ranking": ["--user-tower", "sasrec", "--ranking-weight", "0"],
+    # The last-item text channel (towers/item_tower.py skip_vectors), alone and on top of id
+    # dropout.
+    "sasrec-text-skip": ["--user-tower", "sasrec", "--id-dropout", "0", "--text-skip", "true"],
+    "sasrec-text-skip-id-dropout": ["--user-tower", "sasrec", "--id-dropout", "0.3",
+                                    "--text-skip", "true"],
+    # Id and text terms weighted by gates of the item's training count.
+    "sasrec-frequency-gate": ["--user-tower", "sasrec", "--id-dropout", "0",
+                              "--frequency-gate", "true"],
+    "sasrec-frequency-gate-id-dropout": ["--user-tower", "sasrec", "--id-dropout", "0.3",
+                                         "--frequency-gate", "true"],
     "reference-dropout-0.5": [*REFERENCE, "--dropout", "0.5"],
 })
 DEFAULT_CONFIGS = ["sasrec", "gru", "sasrec-reference"]

@@ -111,10 +111,13 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
     manifest = json.loads((run_dir / run_files.DATA_MANIFEST).read_text())
 
     item_vectors = tf.cast(model.all_item_vectors(), tf.float32).numpy()
+    skip_vectors = model.item_tower.skip_vectors(tf.range(spec.num_items + 1))
     lookup = ItemLookup(items["item_id"].astype(str).to_numpy(), spec.event_vocab)
     base = dict(user_tower=model.user_tower, item_vectors=item_vectors, lookup=lookup,
                 max_len=spec.max_seq_len, use_events=spec.num_event_types > 0,
-                default_event=spec.default_event)
+                default_event=spec.default_event,
+                skip_vectors=None if skip_vectors is None
+                else tf.cast(skip_vectors, tf.float32).numpy())
     k = min(settings["export_k"], spec.num_items)
     brute = BruteForceRetrieval(k=k, **base)
     max_fetch = min(k + c.HISTORY_MAX, spec.num_items)

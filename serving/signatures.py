@@ -56,10 +56,14 @@ def newest_left_padded(idx: tf.Tensor, extra: tf.Tensor, max_len: int):
 
 class _Base(tf.Module):
     def __init__(self, user_tower: tf.keras.layers.Layer, item_vectors: np.ndarray,
-                 lookup: ItemLookup, max_len: int, use_events: bool, default_event: int = 0):
+                 lookup: ItemLookup, max_len: int, use_events: bool, default_event: int = 0,
+                 skip_vectors: np.ndarray | None = None):
         super().__init__()
         self.user_tower = user_tower
         self.item_vectors = tf.constant(item_vectors, tf.float32)  # [num_items + 1, dim]
+        # The item tower's last-item text channel, per item (None: the model has none).
+        self.skip_vectors = (None if skip_vectors is None
+                             else tf.constant(skip_vectors, tf.float32))  # [num_items + 1, dim]
         self.lookup, self.max_len, self.use_events = lookup, max_len, use_events
         # Event type assumed when a request gives none (or an unknown one): the most common
         # in training, so the user tower sees inputs like those it was trained on.
@@ -73,9 +77,10 @@ class _Base(tf.Module):
         kinds = tf.where(kinds > 0, kinds, tf.fill(tf.shape(kinds), self.default_event))
         items, kinds = newest_left_padded(idx, kinds, self.max_len)
         vectors = tf.gather(self.item_vectors, items)  # [batch, max_len, dim]
+        skip = None if self.skip_vectors is None else tf.gather(self.skip_vectors, items)
         encoded = self.user_tower(vectors, items > 0,
                                   event_types=kinds if self.use_events else None,
-                                  training=False)
+                                  training=False, skip=skip)
         return tf.cast(encoded[:, -1], tf.float32), idx
 
 

@@ -20,8 +20,14 @@ class ItemTower(tf.keras.layers.Layer):
 
     def __init__(self, num_items: int, dim: int, text_dim: int = 0, num_categories: int = 0,
                  num_brands: int = 0, num_price_buckets: int = 0, text_tokens: int = 0,
-                 id_dropout: float = 0.0, text_experts: int = 0, **kwargs):
+                 id_dropout: float = 0.0, text_experts: int = 0, text_skip: bool = False,
+                 frequency_gate: bool = False, **kwargs):
         super().__init__(**kwargs)
+        # A learned weight of the id and of the text term per item from its training count
+        # (see `gates`): head items may lean on the id, tail and cold items on text.
+        self.frequency_gate = frequency_gate
+        # The last-item text channel (see `skip_vectors`): on only with text.
+        self.text_skip = bool(text_skip and text_dim)
         # 0: one Dense projection of the text vector; n > 0: a mixture of n parametric-whitening
         # experts ((x - b_i) W_i, softmax-gated by x; UniSRec's adaptor for frozen text).
         self.text_experts = text_experts
@@ -79,6 +85,18 @@ class ItemTower(tf.keras.layers.Layer):
                 self.dim, kernel_initializer=init(), name="text_projection")
             with tf.name_scope("text_projection"):  # weights now, inside any strategy scope
                 self.text_projection.build((None, self.text_dim))
+        if self.frequency_gate:
+            self.log_count = self.add_weight("log_count", [rows], initializer="zeros",
+                                             trainable=False)
+            # rows: id, text; columns: slope and offset on log(1 + count). Zero init = both
+            # gates 1, the model without them.
+            self.gate_weights = self.add_weight("gate_weights", [2, 2], initializer="zeros")
+        if self.text_skip:
+            # Zero init: the channel starts silent, the model starts as without it.
+            self.skip_projection = tf.keras.layers.Dense(
+                self.dim, use_bias=False, kernel_initializer="zeros", name="skip_projection")
+            with tf.name_scope("skip_projection"):
+                self.skip_projection.build((None, self.text_dim))
         self.meta_tables = {}
         for name, size in (("category", self.num_categories), ("brand", self.num_brands),
                            ("price_bucket", self.num_price_buckets)):
@@ -91,11 +109,17 @@ class ItemTower(tf.keras.layers.Layer):
 
     def set_item_features(self, seen_in_training: np.ndarray, text: np.ndarray | None = None,
                           tokens: np.ndarray | None = None,
-                          meta: dict[str, np.ndarray] | None = None) -> None:
-        """Fill the feature tables; every array has num_items + 1 rows (row 0 = padding)."""
+                          meta: dict[str, np.ndarray] | None = None,
+                          train_counts: np.ndarray | None = None) -> None:
+        """Fill the feature tables; every array has num_items + 1 rows (row 0 = padding).
+        `train_counts` (training interactions per item) feeds the frequency gate."""
         if not self.built:
             self.build(None)
         self.seen_in_training.assign(seen_in_training.astype(np.float32))
+        if self.frequency_gate:
+            if train_counts is None:
+                raise ValueError("the frequency gate needs the items' training counts")
+            self.log_count.assign(np.log1p(train_counts.astype(np.float64)).astype(np.float32))
         if self.text_dim and not self.text_tokens:
             self.text_table.assign(unit_rows(text))
         if self.text_tokens:
@@ -127,6 +151,29 @@ class ItemTower(tf.keras.layers.Layer):
         gate = tf.nn.softmax(tf.matmul(text, tf.cast(self.expert_gate, dtype)))  # [n, e]
         return tf.einsum("nek,ne->nk", experts, gate)
 
+    def gates(self, ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Weights of the id and the text term for item ids [n] -> two [n, 1]:
+        2 * sigmoid(slope * log(1 + training count) + offset), each in (0, 2)."""
+        x = rows(self.log_count, ids)[:, None]  # [n, 1]
+        w = self.gate_weights
+        gate = 2.0 * tf.sigmoid(x * w[:, 0][None, :] + w[:, 1][None, :])  # [n, 2]
+        return gate[:, :1], gate[:, 1:]
+
+    def skip_vectors(self, item_idx: tf.Tensor) -> tf.Tensor | None:
+        """The last-item text channel: item ids [...] -> [..., dim] added to the user vector
+        after each position (None when off). With it a user vector holds a projection of the
+        newest item's text, so the score of any item, warm or never trained, carries a learned
+        likeness of its text to that item's: the text-kNN baseline, inside the model and
+        weighed by training. Padding (id 0) adds nothing."""
+        if not self.text_skip:
+            return None
+        shape = tf.shape(item_idx)
+        ids = tf.reshape(tf.cast(item_idx, tf.int32), [-1])
+        text = tf.cast(self.text_vectors(ids), self.compute_dtype)
+        vectors = self.skip_projection(text)  # [n, dim]
+        vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
+        return tf.reshape(vectors, tf.concat([shape, [self.dim]], axis=0))
+
     def dropout_seed(self) -> tf.Tensor | None:
         """A fresh seed for one training step's id dropout (None when it is off): every call
         of the step passes it, so an item loses its id embedding everywhere in the step (as
@@ -143,9 +190,16 @@ class ItemTower(tf.keras.layers.Layer):
             keep = _hash_uniform(ids, drop_seed) >= self.id_dropout
             seen *= tf.cast(keep, seen.dtype)[:, None]
         vectors = rows(self.id_embedding, ids) * seen  # [n, dim]
+        text_gate = None
+        if self.frequency_gate:
+            id_gate, text_gate = self.gates(ids)
+            vectors *= tf.cast(id_gate, vectors.dtype)
         if self.text_dim:
             text = tf.cast(self.text_vectors(ids), self.compute_dtype)
-            vectors += tf.cast(self.project_text(text), vectors.dtype)
+            projected = tf.cast(self.project_text(text), vectors.dtype)
+            if text_gate is not None:
+                projected *= tf.cast(text_gate, vectors.dtype)
+            vectors += projected
         for table, embedding in self.meta_tables.values():
             vectors += rows(embedding, rows(table, ids))
         vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
@@ -156,7 +210,8 @@ class ItemTower(tf.keras.layers.Layer):
                 "text_dim": self.text_dim, "num_categories": self.num_categories,
                 "num_brands": self.num_brands, "num_price_buckets": self.num_price_buckets,
                 "text_tokens": self.text_tokens, "id_dropout": self.id_dropout,
-                "text_experts": self.text_experts}
+                "text_experts": self.text_experts, "text_skip": self.text_skip,
+                "frequency_gate": self.frequency_gate}
 
 
 def _hash_uniform(ids: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:

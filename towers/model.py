@@ -86,6 +86,7 @@ class TwoTowerModel(tfrs.models.Model):
                                num_price_buckets=spec.meta_sizes.get("price_bucket", 0),
                                text_tokens=0 if frozen_text else spec.text_tokens,
                                id_dropout=spec.id_dropout, text_experts=spec.text_experts,
+                               text_skip=spec.text_skip, frequency_gate=spec.frequency_gate,
                                name="item_tower")
         user_tower = UserTower(spec.user_tower, spec.dim, spec.max_seq_len,
                                num_blocks=spec.num_blocks, num_heads=spec.num_heads,
@@ -137,7 +138,7 @@ class TwoTowerModel(tfrs.models.Model):
         else:
             embedded = tf.gather(item_vectors, history)  # [batch, seq, dim]
         return self.user_tower(embedded, history > 0, event_types=event_types,
-                               training=training)
+                               training=training, skip=self.item_tower.skip_vectors(history))
 
     def user_vector(self, history: tf.Tensor, item_vectors: tf.Tensor | None = None,
                     event_types: tf.Tensor | None = None) -> tf.Tensor:

@@ -46,6 +46,8 @@ class ModelSpec:
     id_dropout: float = 0.0  # share of items whose id embedding is dropped per training step
     text_experts: int = 0  # 0: Dense text projection; n: mixture of n whitening experts
     unseen_negatives: bool = False  # never-trained items as softmax negatives (the old way)
+    text_skip: bool = False  # user vector + projected text of the newest item (item_tower.py)
+    frequency_gate: bool = False  # id and text terms weighted by the item's training count
 
     @property
     def event_type_of_requests(self) -> str | None:

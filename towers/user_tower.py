@@ -42,12 +42,17 @@ class UserTower(tf.keras.layers.Layer):
                            else None)
 
     def call(self, item_vectors: tf.Tensor, padding_mask: tf.Tensor,
-             event_types: tf.Tensor | None = None, training: bool | None = None) -> tf.Tensor:
+             event_types: tf.Tensor | None = None, training: bool | None = None,
+             skip: tf.Tensor | None = None) -> tf.Tensor:
+        """`skip` [batch, seq, dim]: added to the output at each position (the item tower's
+        last-item text channel for the item at that position)."""
         encoded = self.encoder(item_vectors, padding_mask, event_types=event_types,
                                training=training)  # [batch, seq, dim]
-        if self.projection is None:
-            return encoded
-        return self.projection(encoded)  # [batch, seq, dim]
+        if self.projection is not None:
+            encoded = self.projection(encoded)  # [batch, seq, dim]
+        if skip is not None:
+            encoded += tf.cast(skip, encoded.dtype)
+        return encoded
 
     def attention_weights(self, item_vectors: tf.Tensor, padding_mask: tf.Tensor,
                           event_types: tf.Tensor | None = None) -> list[tf.Tensor]:

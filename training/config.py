@@ -30,6 +30,10 @@ class TrainConfig:
     id_dropout: str = "auto"
     id_init: str = "random"  # random | text (id table starts from PCA of the text vectors)
     text_experts: int = 0  # 0: one Dense text projection; n: n whitening experts, gated
+    # user vector + a learned projection of the newest item's text (towers/item_tower.py)
+    text_skip: bool = False
+    # id and text terms of an item vector weighted by gates of its training count
+    frequency_gate: bool = False
     price_buckets: int = 10
     dim: int = 64
     max_seq_len: int = 50

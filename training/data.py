@@ -122,7 +122,9 @@ def model_spec(config: TrainConfig, data: TrainingData) -> ModelSpec:
         text_pooling=config.text_pooling, finetune_layers=config.finetune_layers,
         id_dropout=id_dropout(config, data),
         text_experts=config.text_experts if features.text_dim else 0,
-        unseen_negatives=config.unseen_negatives)
+        unseen_negatives=config.unseen_negatives,
+        text_skip=bool(config.text_skip and features.text_dim),
+        frequency_gate=config.frequency_gate)
 
 
 def user_histories(seqs: Sequences, items: pd.DataFrame) -> pd.DataFrame:

@@ -23,6 +23,7 @@ class ItemFeatures:
     """Tables with num_items + 1 rows (row 0 = padding)."""
 
     seen_in_training: np.ndarray  # 1.0 for items with training interactions (id embedding used)
+    train_counts: np.ndarray | None = None  # training interactions per item
     text: np.ndarray | None = None  # frozen text vectors
     tokens: np.ndarray | None = None  # finetune token ids
     meta: dict[str, np.ndarray] = field(default_factory=dict)
@@ -67,7 +68,8 @@ def item_features(items: pd.DataFrame, train_counts: np.ndarray,
     """Build every table the item tower needs from items.parquet (sorted by item_idx)."""
     num_items = len(items)
     pad = lambda a: np.concatenate([np.zeros((1,) + a.shape[1:], a.dtype), a])  # noqa: E731
-    features = ItemFeatures(seen_in_training=(train_counts > 0).astype(np.float32))
+    features = ItemFeatures(seen_in_training=(train_counts > 0).astype(np.float32),
+                            train_counts=train_counts)
     if config.use_metadata:
         for column in META_COLUMNS:
             if column in items and items[column].fillna("").astype(str).ne("").any():
@@ -117,7 +119,7 @@ def install_features(model: TwoTowerModel, features: ItemFeatures, popularity: n
     """Fill a new model's feature tables and the retrieval task's sampling popularity;
     `id_init="text"` starts the id table from the text vectors."""
     model.item_tower.set_item_features(features.seen_in_training, features.text,
-                                       features.tokens, features.meta)
+                                       features.tokens, features.meta, features.train_counts)
     if id_init == "text" and features.text is not None:
         model.item_tower.id_embedding.assign(text_initial_ids(features.text,
                                                               model.item_tower.dim))
