@@ -30,8 +30,9 @@ DATASETS = {
     "sample": (["--source", "sample"], 50),
 }
 
+# The reference SASRec of shared/PROTOCOL.md: id only, single task, dropout 0.2 whatever the data.
 REFERENCE = ["--user-tower", "sasrec", "--text-model", "none", "--use-metadata", "false",
-             "--ranking-weight", "0"]
+             "--ranking-weight", "0", "--dropout", "0.2"]
 CONFIGS = {
     "sasrec": ["--user-tower", "sasrec"],
     "gru": ["--user-tower", "gru"],

@@ -182,6 +182,25 @@ def test_auto_id_dropout_only_with_never_trained_items_and_text():
         TrainConfig(id_dropout="lots").validate()
 
 
+def test_auto_dropout_follows_training_events_per_user():
+    from types import SimpleNamespace
+
+    from training.config import TrainConfig
+    from training.data import DENSE_DROPOUT, SPARSE_DROPOUT, SPARSE_EVENTS_PER_USER, dropout_rate
+
+    def data(users, events_per_user):
+        return SimpleNamespace(seqs=SimpleNamespace(user_ids=np.arange(users),
+                                                    items=np.ones(users * events_per_user)))
+
+    auto = TrainConfig()
+    assert dropout_rate(auto, data(100, SPARSE_EVENTS_PER_USER - 1)) == SPARSE_DROPOUT
+    assert dropout_rate(auto, data(100, SPARSE_EVENTS_PER_USER)) == DENSE_DROPOUT
+    assert dropout_rate(TrainConfig(dropout="0.3"), data(100, 2)) == 0.3
+    for bad in ("lots", "1.0", "-0.1"):
+        with pytest.raises(ValueError, match="config dropout"):
+            TrainConfig(dropout=bad).validate()
+
+
 def test_frequency_gate_weighs_id_and_text_by_training_count():
     counts = np.array([0, 0, 1, 1000])  # item 1 cold, 2 tail, 3 head
     warm = (counts > 0).astype(np.float32)

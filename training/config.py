@@ -39,7 +39,8 @@ class TrainConfig:
     max_seq_len: int = 50
     num_blocks: int = 2
     num_heads: int = 1
-    dropout: float = 0.2
+    # or auto: the data's sparsity picks it (training/data.py dropout_rate)
+    dropout: str = "auto"
     gru_layers: int = 1
     sasrec_layout: str = "sasrec"  # sasrec | pre_ln (see sequential/sasrec.py)
     user_projection: bool = False  # Dense layer on the encoder output (cost NDCG, README)
@@ -102,14 +103,17 @@ class TrainConfig:
                              f"num_heads={self.num_heads}")
         if self.text_experts < 0:
             raise ValueError(f"config text_experts must be >= 0, got {self.text_experts}")
-        if self.id_dropout != "auto":
+        for name in ("dropout", "id_dropout"):
+            value = str(getattr(self, name))
+            if value == "auto":
+                continue
             try:
-                share = float(self.id_dropout)
+                share = float(value)
             except ValueError:
                 share = -1.0
             if not 0.0 <= share < 1.0:
-                raise ValueError(f"config id_dropout must be 'auto' or a number in [0, 1), got "
-                                 f"{self.id_dropout!r}")
+                raise ValueError(f"config {name} must be 'auto' or a number in [0, 1), got "
+                                 f"{value!r}")
         if self.id_init == "text" and (self.text_model == "none" or self.text_mode != "frozen"):
             raise ValueError("config id_init=text needs a frozen text model (text_model not "
                              "'none', text_mode frozen)")

@@ -117,7 +117,7 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
         "positions_per_second": data.positions / float(np.median(epoch_times)),
         "text_encoder": spec.text_source, "texts_encoded": features.texts_encoded,
         "retrieval_mode": spec.retrieval_mode, "ranking_mode": spec.ranking_mode,
-        "optimizer": optimizer, "id_dropout": spec.id_dropout,
+        "optimizer": optimizer, "id_dropout": spec.id_dropout, "dropout": spec.dropout,
         "sampled_negatives": config.sampled_negatives,
         "sampled_metrics_note": f"sampled_* rank the target among {config.sampled_negatives} "
                                 "random unseen items"})
