@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from towers.item_tower import ItemTower, unit_rows
-from towers.tasks import NextItemRetrieval, expected_candidate_count
+from towers.tasks import NextItemRetrieval, inclusion_probability
 from towers.user_tower import UserTower
 
 
@@ -27,17 +27,33 @@ def test_logq_correction_subtracts_log_q():
     corrected = _task(logq_correction=True)(queries, targets, candidates, ids, index)
     plain = _task(logq_correction=False)(queries, targets, candidates, ids, index)
     assert float(corrected) < float(plain)
-    q = expected_candidate_count(ids, _task().popularity, 2, 2, 4).numpy()
+    q = inclusion_probability(ids, _task().popularity, 2, 2, 4).numpy()
     assert q[0] > q[1]
 
 
 def test_logq_uses_inclusion_probability_of_the_deduplicated_pool():
-    # 1,000 popularity draws: an item with p = 0.5 is in the distinct pool almost surely and
-    # one with p = 0.001 with chance 1 - 0.999^1000 = 0.632; as per-draw shares they would
-    # differ 500x. Uniform draws add num_sampled / num_items to each.
+    # 1,000 popularity draws and 30 uniform ones over 3,000 items: an item with p = 0.5 is in
+    # the distinct pool almost surely, one with p = 0.001 with chance
+    # 1 - 0.999^1000 * (1 - 1/3000)^30, one never drawn by popularity 1 - (1 - 1/3000)^30.
+    # As per-draw shares the first two would differ 500x.
     pop = tf.constant([0.0, 0.5, 0.001, 0.0])
-    q = expected_candidate_count(tf.constant([1, 2, 3]), pop, 1000, 30, 3).numpy()
-    np.testing.assert_allclose(q, [1.0 + 10.0, 1 - 0.999 ** 1000 + 10.0, 10.0], rtol=1e-4)
+    q = inclusion_probability(tf.constant([1, 2, 3]), pop, 1000, 30, 3000).numpy()
+    uniform_absent = (1 - 1 / 3000) ** 30
+    np.testing.assert_allclose(q, [1.0, 1 - 0.999 ** 1000 * uniform_absent,
+                                   1 - uniform_absent], rtol=1e-4)
+
+
+def test_sampled_pool_holds_each_item_once_with_targets_first():
+    task = NextItemRetrieval(num_items=5, mode="sampled", num_negatives=200)
+    task.build(None)
+    targets = tf.constant([3, 1, 3, 2])
+    pool, index, draws = task.candidate_pool(targets)
+    pool = pool.numpy()
+    assert len(set(pool)) == len(pool)  # 200 uniform draws over 5 items: all collapse
+    assert set(pool) == {1, 2, 3, 4, 5}
+    assert list(pool[:3]) == [3, 1, 2]  # distinct targets first, in order
+    np.testing.assert_array_equal(pool[index.numpy()], targets.numpy())
+    assert int(draws) == 4
 
 
 def test_accidental_hits_are_removed():

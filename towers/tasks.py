@@ -1,11 +1,11 @@
 """Next-item retrieval loss at every sequence position: full softmax, or sampled softmax over
 in-batch items plus uniformly sampled negatives with log-Q correction (Yi et al. 2019), Q being
-each item's expected count in the deduplicated pool.
+each item's chance to be in the deduplicated pool.
 
 tfrs.tasks.Retrieval scores every query against every in-batch candidate with diagonal labels,
 a [positions, positions] matrix: at 128 sequences x 200 positions that is 25,600^2 logits. Here
 the in-batch candidates are the batch's distinct target items, shared by all positions, which
-keeps the logits at [positions, distinct items + negatives]; tfrs's own layers remove
+keeps the logits at [positions, distinct targets and negatives]; tfrs's own layers remove
 accidental hits and apply the sampling-probability correction.
 """
 
@@ -15,21 +15,23 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 
-def expected_candidate_count(candidate_ids: tf.Tensor, popularity: tf.Tensor,
-                             num_positives: tf.Tensor, num_sampled: int,
-                             num_items: int) -> tf.Tensor:
-    """Expected number of pool columns holding each item, the Q of the log-Q correction.
+def inclusion_probability(candidate_ids: tf.Tensor, popularity: tf.Tensor,
+                          num_positives: tf.Tensor, num_sampled: int,
+                          num_items: int) -> tf.Tensor:
+    """Each candidate's chance to be in the pool, the Q of the log-Q correction.
 
-    The pool is the DISTINCT targets of `num_positives` draws by popularity, so an item is in
-    it at most once: its chance to be there is 1 - (1 - p)^n, not n * p (a popular item drawn
-    200 times per batch still fills one column; n * p would push its logit down by log 200
-    against a rare item's). The `num_sampled` uniform draws are not deduplicated: each adds
-    1 / num_items per item.
+    The pool is the DISTINCT items of `num_positives` draws by popularity (the batch's targets)
+    and `num_sampled` uniform draws, so an item is in it at most once, with probability
+    1 - (1 - p)^n (1 - 1/N)^m. Not n * p + m / N (expected draws): a popular item drawn 200
+    times per batch still fills one column, and n * p would push its logit down by log 200
+    against a rare item's. An item that is always in the pool gets Q = 1 and no correction, so
+    a pool that covers the catalog scores like the full softmax.
     """
     positives = tf.cast(num_positives, tf.float32)
     pop = tf.gather(popularity, candidate_ids)  # [candidates]
-    in_batch = -tf.math.expm1(positives * tf.math.log1p(-tf.minimum(pop, 1.0 - 1e-7)))
-    return in_batch + num_sampled / num_items
+    log_absent = (positives * tf.math.log1p(-tf.minimum(pop, 1.0 - 1e-7))
+                  + num_sampled * tf.math.log1p(-1.0 / num_items))
+    return -tf.math.expm1(log_absent)
 
 
 class NextItemRetrieval(tf.keras.layers.Layer):
@@ -64,23 +66,23 @@ class NextItemRetrieval(tf.keras.layers.Layer):
         """Sampled mode: (candidate ids [c], index of each target in them [positions], number of
         in-batch draws for the log-Q correction).
 
-        The in-batch candidates are the distinct targets of every replica in sync (gathered
-        from the others under a multi-replica strategy, so more replicas means more negatives),
-        then `num_negatives` uniform draws of this replica.
+        The pool is the distinct items among the targets of every replica in sync (gathered
+        from the others under a multi-replica strategy, so more replicas means more negatives)
+        and `num_negatives` uniform draws of this replica: each item once.
         """
         replica = tf.distribute.get_replica_context()
+        negatives = tf.random.uniform([self.num_negatives], 1, self.num_items + 1, tf.int32)
         if replica is None or replica.num_replicas_in_sync == 1:
-            distinct, target_index = tf.unique(target_ids)
+            drawn = tf.concat([target_ids, negatives], axis=0)
             draws = tf.shape(target_ids)[0]
         else:
             every = replica.all_gather(target_ids, axis=0)  # [positions of all replicas]
-            # This replica's targets first: tf.unique keeps first occurrences in order, so the
-            # first `positions` indices are the columns of this replica's targets.
-            distinct, index = tf.unique(tf.concat([target_ids, every], axis=0))
-            target_index = index[:tf.shape(target_ids)[0]]
+            drawn = tf.concat([target_ids, every, negatives], axis=0)
             draws = tf.shape(every)[0]
-        negatives = tf.random.uniform([self.num_negatives], 1, self.num_items + 1, tf.int32)
-        return tf.concat([distinct, negatives], axis=0), target_index, draws
+        # This replica's targets first: tf.unique keeps first occurrences in order, so the
+        # first `positions` indices are the label columns of this replica's targets.
+        pool, index = tf.unique(drawn)
+        return pool, index[:tf.shape(target_ids)[0]], draws
 
     def call(self, queries: tf.Tensor, target_ids: tf.Tensor, candidates: tf.Tensor,
              candidate_ids: tf.Tensor | None = None, target_index: tf.Tensor | None = None,
@@ -107,8 +109,8 @@ class NextItemRetrieval(tf.keras.layers.Layer):
         logits = self._without_unseen(logits, tf.gather(self.popularity, candidate_ids))
         if self.logq_correction:
             draws = tf.shape(target_ids)[0] if draws is None else draws
-            q = expected_candidate_count(candidate_ids, self.popularity, draws,
-                                           self.num_negatives, self.num_items)
+            q = inclusion_probability(candidate_ids, self.popularity, draws,
+                                      self.num_negatives, self.num_items)
             logits = self.logq(logits, q[None, :])
         losses = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
         return tf.reduce_mean(losses)
