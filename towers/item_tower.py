@@ -151,10 +151,12 @@ class ItemTower(tf.keras.layers.Layer):
         gate = tf.nn.softmax(tf.matmul(text, tf.cast(self.expert_gate, dtype)))  # [n, e]
         return tf.einsum("nek,ne->nk", experts, gate)
 
-    def gates(self, ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def gates(self, ids: tf.Tensor, has_id: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Weights of the id and the text term for item ids [n] -> two [n, 1]:
-        2 * sigmoid(slope * log(1 + training count) + offset), each in (0, 2)."""
-        x = rows(self.log_count, ids)[:, None]  # [n, 1]
+        2 * sigmoid(slope * log(1 + training count) + offset), each in (0, 2). An item without
+        its id embedding (`has_id` [n, 1] 0: never trained, or dropped this step) counts as 0,
+        so id dropout trains the gate that cold items get."""
+        x = rows(self.log_count, ids)[:, None] * tf.cast(has_id, tf.float32)  # [n, 1]
         w = self.gate_weights
         gate = 2.0 * tf.sigmoid(x * w[:, 0][None, :] + w[:, 1][None, :])  # [n, 2]
         return gate[:, :1], gate[:, 1:]
@@ -192,7 +194,7 @@ class ItemTower(tf.keras.layers.Layer):
         vectors = rows(self.id_embedding, ids) * seen  # [n, dim]
         text_gate = None
         if self.frequency_gate:
-            id_gate, text_gate = self.gates(ids)
+            id_gate, text_gate = self.gates(ids, seen)
             vectors *= tf.cast(id_gate, vectors.dtype)
         if self.text_dim:
             text = tf.cast(self.text_vectors(ids), self.compute_dtype)
