@@ -1,6 +1,10 @@
 """The real entry point: `uvicorn main:app` in a subprocess, queried over HTTP."""
 
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -38,3 +42,16 @@ def test_uvicorn_serves_the_export_over_http(server, tiny_export):
     # uvicorn re-raises the signal after a graceful shutdown (lifespan ran, poll thread joined)
     assert process.wait(timeout=30) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in log.read_text()
+
+
+@pytest.mark.parametrize("setting", [{"AB_SPLIT": "3:0.9,x"}, {"POLL_SECONDS": "often"},
+                                     {"KEEP_VERSIONS": "two"}])
+def test_bad_setting_stops_uvicorn_with_one_line_naming_it(setting, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MODEL_DIR": str(tmp_path), **setting}
+    result = subprocess.run([sys.executable, "-m", "uvicorn", "main:app", "--port", "0"],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    name = next(iter(setting))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"towerrec: {name}=")
