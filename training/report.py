@@ -40,8 +40,10 @@ def plot_curves(history: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: Path, results: dict, metadata: dict, manifest: dict) -> None:
-    """metrics.json, training_curves.png (from history.csv), metadata.json and report.html."""
+def write_report(run_dir: Path, results: dict, metadata: dict, manifest: dict,
+                 html: bool = True) -> None:
+    """metrics.json, training_curves.png (from history.csv), metadata.json and (unless `html`
+    is false: a cluster's non-chief worker, whose run directory is thrown away) report.html."""
     (run_dir / run_files.METRICS).write_text(json.dumps(results, indent=2))
     plot_curves(pd.read_csv(run_dir / run_files.HISTORY), run_dir / run_files.CURVES)
     manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
@@ -50,7 +52,8 @@ def write_report(run_dir: Path, results: dict, metadata: dict, manifest: dict) -
                 "versions": package_versions(), **metadata,
                 "peak_rss_mb": round(peak_rss_mb(), 1)}
     (run_dir / run_files.METADATA).write_text(json.dumps(metadata, indent=2))
-    try_run_report(run_dir)
+    if html:
+        try_run_report(run_dir)
 
 
 def summary_lines(results: dict) -> list[str]:

@@ -127,5 +127,5 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
         "cluster": {job: len(tasks) for job, tasks in task.cluster.items()},
         "item_table_shards": shards,
         "precision": tf.keras.mixed_precision.global_policy().name,
-        "wall_seconds": round(time.time() - started, 1)}, data.manifest)
+        "wall_seconds": round(time.time() - started, 1)}, data.manifest, html=task.is_chief)
     return results
