@@ -22,8 +22,7 @@ META_COLUMNS = ("category", "brand")
 class ItemFeatures:
     """Tables with num_items + 1 rows (row 0 = padding)."""
 
-    seen_in_training: np.ndarray  # 1.0 for items with training interactions (id embedding used)
-    train_counts: np.ndarray | None = None  # training interactions per item
+    train_counts: np.ndarray  # training interactions per item (0: no id embedding used)
     text: np.ndarray | None = None  # frozen text vectors
     tokens: np.ndarray | None = None  # finetune token ids
     meta: dict[str, np.ndarray] = field(default_factory=dict)
@@ -31,6 +30,11 @@ class ItemFeatures:
     text_source: str = "none"  # the encoder actually used, as a person names it
     texts_encoded: int = 0  # texts not found in the cache this run
     encoder: TextEncoder | None = None
+
+    @property
+    def seen_in_training(self) -> np.ndarray:
+        """1.0 for items with training interactions (their id embedding is used), else 0."""
+        return (self.train_counts > 0).astype(np.float32)
 
     @property
     def text_dim(self) -> int:
@@ -68,8 +72,7 @@ def item_features(items: pd.DataFrame, train_counts: np.ndarray,
     """Build every table the item tower needs from items.parquet (sorted by item_idx)."""
     num_items = len(items)
     pad = lambda a: np.concatenate([np.zeros((1,) + a.shape[1:], a.dtype), a])  # noqa: E731
-    features = ItemFeatures(seen_in_training=(train_counts > 0).astype(np.float32),
-                            train_counts=train_counts)
+    features = ItemFeatures(train_counts=train_counts)
     if config.use_metadata:
         for column in META_COLUMNS:
             if column in items and items[column].fillna("").astype(str).ne("").any():
