@@ -1,4 +1,4 @@
-"""Towers and the retrieval task: log-Q sign, accidental hits, cold items, padding."""
+"""Towers and the retrieval task: log-Q sign and values, the pool, cold items, padding."""
 
 import numpy as np
 import pytest
@@ -54,19 +54,6 @@ def test_sampled_pool_holds_each_item_once_with_targets_first():
     assert list(pool[:3]) == [3, 1, 2]  # distinct targets first, in order
     np.testing.assert_array_equal(pool[index.numpy()], targets.numpy())
     assert int(draws) == 4
-
-
-def test_accidental_hits_are_removed():
-    # Candidate pool [1, 1(negative duplicate of the positive), 3]: the duplicate must not
-    # count as a negative, so the loss equals that of the pool without it.
-    queries = tf.constant([[2.0, 0.0]])
-    with_dup = _task(logq_correction=False)(
-        queries, tf.constant([1]), tf.constant([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]),
-        tf.constant([1, 1, 3]), tf.constant([0]))
-    without = _task(logq_correction=False)(
-        queries, tf.constant([1]), tf.constant([[1.0, 0.0], [0.0, 1.0]]),
-        tf.constant([1, 3]), tf.constant([0]))
-    assert abs(float(with_dup) - float(without)) < 1e-5
 
 
 def test_full_softmax_ignores_padding_column():

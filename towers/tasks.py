@@ -5,8 +5,9 @@ each item's chance to be in the deduplicated pool.
 tfrs.tasks.Retrieval scores every query against every in-batch candidate with diagonal labels,
 a [positions, positions] matrix: at 128 sequences x 200 positions that is 25,600^2 logits. Here
 the in-batch candidates are the batch's distinct target items, shared by all positions, which
-keeps the logits at [positions, distinct targets and negatives]; tfrs's own layers remove
-accidental hits and apply the sampling-probability correction.
+keeps the logits at [positions, distinct targets and negatives]. Each item is in the pool
+once, so no negative column can repeat a label (no accidental hits to remove); tfrs's own
+layer applies the sampling-probability correction.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ class NextItemRetrieval(tf.keras.layers.Layer):
         # as negatives they could only be pushed down, through the text and metadata they share
         # with the items that will need them: by default they are left out of the softmax.
         self.unseen_negatives = unseen_negatives
-        self.remove_accidental_hits = tfrs.layers.loss.RemoveAccidentalHits(dtype="float32")
         self.logq = tfrs.layers.loss.SamplingProbablityCorrection(dtype="float32")
 
     def build(self, input_shape):
@@ -104,15 +104,13 @@ class NextItemRetrieval(tf.keras.layers.Layer):
             return tf.reduce_mean(losses)
         logits = tf.matmul(queries, tf.cast(candidates, tf.float32),
                            transpose_b=True)  # [positions, candidates]
-        labels = tf.one_hot(target_index, tf.shape(candidate_ids)[0])  # [positions, c]
-        logits = self.remove_accidental_hits(labels, logits, candidate_ids)
         logits = self._without_unseen(logits, tf.gather(self.popularity, candidate_ids))
         if self.logq_correction:
             draws = tf.shape(target_ids)[0] if draws is None else draws
             q = inclusion_probability(candidate_ids, self.popularity, draws,
                                       self.num_negatives, self.num_items)
             logits = self.logq(logits, q[None, :])
-        losses = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(target_index, logits)
         return tf.reduce_mean(losses)
 
     def _without_unseen(self, logits: tf.Tensor, popularity: tf.Tensor) -> tf.Tensor:
