@@ -78,6 +78,8 @@ CONFIGS.update({
     # Shorter text: each item's text cut to its first 8 tokens (ml-1m: about the title and
     # year, without the genres).
     "sasrec-short-text": ["--user-tower", "sasrec", "--text-max-length", "8"],
+    # The content term (towers/item_tower.py, on by default with text) off: the model before it.
+    "sasrec-no-content": ["--user-tower", "sasrec", "--content-term", "off"],
 })
 DEFAULT_CONFIGS = ["sasrec", "gru", "sasrec-reference"]
 
@@ -139,6 +141,10 @@ def main() -> int:
                "knn_ndcg@10": metrics.get("text_knn_test", {}).get("ndcg@10"),
                "cold_ndcg@10": metrics.get("cold_test", {}).get("ndcg@10"),
                "cold_knn_ndcg@10": metrics.get("cold_text_knn_test", {}).get("ndcg@10"),
+               "cold_shelf_ndcg@10": metrics.get("cold_test_among_cold", {}).get("ndcg@10"),
+               "cold_knn_shelf_ndcg@10": metrics.get("cold_text_knn_test_among_cold",
+                                                     {}).get("ndcg@10"),
+               "calibration": metrics.get("score_calibration"),
                "slices": {name: {"users": entry["users"],
                                  **{scorer: entry[scorer]["ndcg@10"] for scorer in entry
                                     if scorer != "users"}}

@@ -113,11 +113,14 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
     item_vectors = tf.cast(model.all_item_vectors(), tf.float32).numpy()
     skip_vectors = model.item_tower.skip_vectors(tf.range(spec.num_items + 1))
     lookup = ItemLookup(items["item_id"].astype(str).to_numpy(), spec.event_vocab)
+    tower = model.item_tower
     base = dict(user_tower=model.user_tower, item_vectors=item_vectors, lookup=lookup,
                 max_len=spec.max_seq_len, use_events=spec.num_event_types > 0,
                 default_event=spec.default_event,
                 skip_vectors=None if skip_vectors is None
-                else tf.cast(skip_vectors, tf.float32).numpy())
+                else tf.cast(skip_vectors, tf.float32).numpy(),
+                dim=spec.dim, content=tower.content if tower.content_term else None,
+                log_counts=tower.log_count.numpy() if tower.content_term else None)
     k = min(settings["export_k"], spec.num_items)
     brute = BruteForceRetrieval(k=k, **base)
     max_fetch = min(k + c.HISTORY_MAX, spec.num_items)
@@ -182,7 +185,7 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
             "config": settings, "model_spec": spec.to_dict(),
             "test_metrics": (json.loads(metrics_file.read_text())
                              if metrics_file.exists() else None),
-            "k": k, "max_seq_len": spec.max_seq_len, "embedding_dim": spec.dim,
+            "k": k, "max_seq_len": spec.max_seq_len, "embedding_dim": int(item_vectors.shape[1]),
             "event_types": spec.event_vocab,
             "default_event_type": spec.event_type_of_requests,
             "scann": {**params.__dict__, "max_fetch": max_fetch,

@@ -57,10 +57,20 @@ def newest_left_padded(idx: tf.Tensor, extra: tf.Tensor, max_len: int):
 class _Base(tf.Module):
     def __init__(self, user_tower: tf.keras.layers.Layer, item_vectors: np.ndarray,
                  lookup: ItemLookup, max_len: int, use_events: bool, default_event: int = 0,
-                 skip_vectors: np.ndarray | None = None):
+                 skip_vectors: np.ndarray | None = None, dim: int | None = None,
+                 content: tf.keras.layers.Layer | None = None,
+                 log_counts: np.ndarray | None = None):
         super().__init__()
         self.user_tower = user_tower
-        self.item_vectors = tf.constant(item_vectors, tf.float32)  # [num_items + 1, dim]
+        # [num_items + 1, score_dim]: with the content term, [v_i ; c_i] (c_i the unit text
+        # vector), else v_i alone; the user tower reads the first `dim` columns.
+        self.item_vectors = tf.constant(item_vectors, tf.float32)
+        self.dim = item_vectors.shape[1] if dim is None else dim
+        # The content term's beta (towers/item_tower.py ContentWeight) and its input, each
+        # item's log(1 + training count); None: the model has no content term.
+        self.content = content
+        self.log_counts = (None if content is None
+                           else tf.constant(log_counts, tf.float32))  # [num_items + 1]
         # The item tower's last-item text channel, per item (None: the model has none).
         self.skip_vectors = (None if skip_vectors is None
                              else tf.constant(skip_vectors, tf.float32))  # [num_items + 1, dim]
@@ -70,18 +80,23 @@ class _Base(tf.Module):
         self.default_event = default_event
 
     def user_vectors(self, history: tf.Tensor, event_types: tf.Tensor | None):
-        """-> (user vectors [batch, dim], all history idx [batch, n] for exclusion)."""
+        """-> (query vectors [batch, score_dim], all history idx [batch, n] for exclusion)."""
         idx = self.lookup.items(history)
         kinds = (self.lookup.events(event_types) if event_types is not None
                  else tf.zeros_like(idx))
         kinds = tf.where(kinds > 0, kinds, tf.fill(tf.shape(kinds), self.default_event))
         items, kinds = newest_left_padded(idx, kinds, self.max_len)
-        vectors = tf.gather(self.item_vectors, items)  # [batch, max_len, dim]
+        vectors = tf.gather(self.item_vectors, items)  # [batch, max_len, score_dim]
         skip = None if self.skip_vectors is None else tf.gather(self.skip_vectors, items)
-        encoded = self.user_tower(vectors, items > 0,
+        encoded = self.user_tower(vectors[..., :self.dim], items > 0,
                                   event_types=kinds if self.use_events else None,
                                   training=False, skip=skip)
-        return tf.cast(encoded[:, -1], tf.float32), idx
+        users = tf.cast(encoded[:, -1], tf.float32)  # [batch, dim]
+        if self.content is not None:
+            content = self.content(vectors[..., self.dim:], tf.gather(self.log_counts, items),
+                                   items > 0)  # [batch, max_len, text_dim]
+            users = tf.concat([users, tf.cast(content[:, -1], tf.float32)], axis=1)
+        return users, idx
 
 
 def _exclude(scores: tf.Tensor, ids: tf.Tensor, history_idx: tf.Tensor) -> tf.Tensor:

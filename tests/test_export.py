@@ -278,3 +278,15 @@ def test_text_skip_and_frequency_gate_train_and_are_exported(tmp_path):
     model.item_tower.skip_projection.kernel.assign(np.zeros(kernel.shape, np.float32))
     silent = _exact_top_k(model, items, spec, histories, 10, version)
     assert any(not np.allclose(a[1], b[1], atol=1e-3) for a, b in zip(silent, expected))
+
+
+def test_content_term_is_exported_in_the_scored_vectors(restored):
+    # The tiny model has frozen text, so the content term is on by default: every exported
+    # item vector is [v ; c] with c the unit text vector, and the parity tests above score it.
+    spec, model, items, version = restored
+    assert spec.content_term and spec.text_dim
+    vectors = np.stack(pd.read_parquet(version / "item_embeddings.parquet")["embedding"])
+    assert vectors.shape == (spec.num_items, spec.dim + spec.text_dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors[:, spec.dim:], axis=1), 1.0, atol=1e-5)
+    metadata = json.loads((version / "metadata.json").read_text())
+    assert metadata["embedding_dim"] == spec.dim + spec.text_dim

@@ -252,3 +252,73 @@ def test_text_skip_adds_the_newest_items_projected_text():
     np.testing.assert_allclose(user(vectors, mask, skip=skip[None]),
                                user(vectors, mask) + skip[None], atol=1e-5)
     assert ItemTower(num_items=3, dim=4, text_skip=True).text_skip is False  # no text: off
+
+
+def test_content_term_logits_equal_the_wide_dot_product():
+    # Training scores u . v + beta * cos(c_u, c_i) without building the wide vectors; serving
+    # scores [u ; beta c_u] . [v ; c_i]. Both must be the same number.
+    rng = np.random.default_rng(0)
+    queries = tf.constant(rng.normal(size=(3, 4)), tf.float32)
+    text = tf.constant(unit_rows(rng.normal(size=(3, 5))))
+    beta = tf.constant([0.5, 2.0, 3.0])
+    candidates = tf.constant(np.c_[rng.normal(size=(6, 4)), unit_rows(rng.normal(size=(6, 5)))],
+                             tf.float32)
+    logits = NextItemRetrieval._logits(queries, candidates, (beta, text)).numpy()
+    wide = np.c_[queries.numpy(), beta.numpy()[:, None] * text.numpy()]
+    np.testing.assert_allclose(logits, wide @ candidates.numpy().T, rtol=1e-5, atol=1e-5)
+
+
+def _content_model(text):
+    from towers.model import TwoTowerModel
+    from towers.spec import ModelSpec
+
+    spec = ModelSpec(num_items=len(text) - 1, num_event_types=0, event_vocab=[],
+                     default_event=0, text_dim=text.shape[1], text_tokens=0, text_source="t",
+                     meta_sizes={}, ranking_mode="none", retrieval_mode="full",
+                     purchase_pos_weight=1.0, user_tower="sasrec", dim=8, max_seq_len=4,
+                     num_blocks=1, num_heads=1, dropout=0.0, gru_layers=1,
+                     sasrec_layout="sasrec", user_projection=False, num_negatives=4,
+                     logq_correction=True, retrieval_weight=1.0, ranking_weight=0.0,
+                     text_pooling="mean", finetune_layers=0, content_term=True,
+                     content_beta=2.0)
+    model = TwoTowerModel.from_spec(spec)
+    counts = np.r_[0, np.arange(1, len(text))].astype(np.float32)
+    model.item_tower.set_item_features((counts > 0).astype(np.float32), text=text,
+                                       train_counts=counts)
+    model.user_vector(tf.zeros([1, 4], tf.int32))
+    return model
+
+
+def test_content_term_makes_the_text_knn_baseline_a_special_case():
+    rng = np.random.default_rng(1)
+    text = np.r_[np.zeros((1, 6)), rng.normal(size=(9, 6))].astype(np.float32)
+    model = _content_model(text)
+    items = model.all_item_vectors().numpy()
+    assert items.shape == (10, 8 + 6)
+    np.testing.assert_allclose(items[:, 8:], unit_rows(text), atol=1e-6)  # c_i, exact
+    assert not items[0].any()  # padding
+    history = tf.constant([[0, 3, 5, 2], [0, 0, 0, 7]])
+    queries = model.user_vector(history).numpy()
+    np.testing.assert_allclose(queries[:, 8:], 2.0 * unit_rows(text)[[2, 7]], rtol=1e-5)
+    # With every trained weight of the towers at zero, only the content term is left: the
+    # model ranks items exactly as the text kNN baseline does (cosine with the last item).
+    for weight in model.item_tower.trainable_weights + model.user_tower.trainable_weights:
+        if "content_weight" not in weight.name:
+            weight.assign(tf.zeros_like(weight))
+    scores = model.user_vector(history).numpy() @ model.all_item_vectors().numpy().T
+    cosine = unit_rows(text)[[2, 7]] @ unit_rows(text).T
+    np.testing.assert_allclose(scores, 2.0 * cosine, atol=1e-5)
+
+
+def test_content_beta_depends_on_what_the_query_knows():
+    text = np.r_[np.zeros((1, 3)), np.eye(3)].astype(np.float32)
+    model = _content_model(text)
+    weight = model.item_tower.content
+    history = tf.constant([[0, 0, 1], [0, 3, 1], [0, 0, 3]])
+    beta = model.item_tower.content_parts(history)[0].numpy()
+    np.testing.assert_allclose(beta[:, -1], 2.0, rtol=1e-5)  # one beta at the start
+    assert (beta[history.numpy() == 0] == 0).all()  # padding adds nothing
+    weight.w.assign([0.5, 1.0, -1.0])  # rarer newest item, shorter history: other betas
+    beta = model.item_tower.content_parts(history)[0].numpy()[:, -1]
+    expected = np.log1p(np.exp(0.5 + np.log1p([1.0, 1.0, 3.0]) - np.log1p([1.0, 2.0, 1.0])))
+    np.testing.assert_allclose(beta, expected, rtol=1e-5)

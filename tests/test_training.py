@@ -121,6 +121,17 @@ def test_sampled_softmax_and_cold_items(tmp_path):
     assert metrics["cold_items"] == 6
     assert np.isfinite(metrics["cold_test"]["ndcg@10"])
     assert "cold_popularity_test" in metrics
+    # The new-arrivals shelf: the same cold targets ranked among the 6 cold items only, so
+    # every target is in the top 10 and no scorer can do worse than in the full catalog.
+    shelf, knn_shelf = metrics["cold_test_among_cold"], metrics["cold_text_knn_test_among_cold"]
+    assert shelf["users"] == metrics["cold_test"]["users"] and shelf["hr@10"] == 1.0
+    assert shelf["ndcg@10"] >= metrics["cold_test"]["ndcg@10"]
+    assert knn_shelf["ndcg@10"] >= metrics["cold_text_knn_test"]["ndcg@10"]
+    calibration = metrics["score_calibration"]
+    assert calibration["users"] == 40
+    for part in ("warm_top10", "cold_top10"):
+        assert calibration[part]["mean"] <= calibration[part]["p90"] <= calibration[part]["p99"]
+    assert 0.0 <= calibration["cold_share_of_top10"] <= 1.0
 
 
 def test_finetune_mirrored_mixed_precision_on_cpu(tmp_path):
@@ -165,3 +176,10 @@ def test_cli_errors_exit_nonzero(tmp_path):
     bad_flag = _run_train(["--data", str(tmp_path), "--out", "o", "--user-tower", "lstm"],
                           tmp_path)
     assert bad_flag.returncode == 2 and "user_tower" in bad_flag.stderr
+    for flags, named in ((["--text-model", "none", "--content-term", "on"], "content_term"),
+                         (["--content-term", "on", "--text-mode", "finetune"], "content_term"),
+                         (["--content-beta", "0"], "content_beta"),
+                         (["--content-term", "maybe"], "content_term")):
+        bad = _run_train(["--data", str(tmp_path), "--out", "o", *flags], tmp_path)
+        assert bad.returncode == 2 and named in bad.stderr, bad.stderr[-500:]
+        assert "Traceback" not in bad.stderr

@@ -1,4 +1,5 @@
-"""Item tower: item vector = id embedding + projected text embedding + metadata embeddings.
+"""Item tower: item vector = id embedding + projected text embedding + metadata embeddings,
+and, with the content term on, the item's unit text vector beside it: [v_i ; c_i].
 
 Item features (text vectors or token ids, category, brand, price bucket, which items were seen
 in training) live in non-trainable tables indexed by item_idx, filled once by `set_item_features`.
@@ -21,8 +22,15 @@ class ItemTower(tf.keras.layers.Layer):
     def __init__(self, num_items: int, dim: int, text_dim: int = 0, num_categories: int = 0,
                  num_brands: int = 0, num_price_buckets: int = 0, text_tokens: int = 0,
                  id_dropout: float = 0.0, text_experts: int = 0, text_skip: bool = False,
-                 frequency_gate: bool = False, **kwargs):
+                 frequency_gate: bool = False, content_term: bool = False,
+                 content_beta: float = 2.0, **kwargs):
         super().__init__(**kwargs)
+        # The content term (see `content_query`): item vectors end with the item's unit text
+        # vector, query vectors with beta times the newest history item's, so every score holds
+        # beta * cosine(text of the newest item, text of the item) exactly: the text-kNN
+        # baseline is the model with its id and sequence terms at zero. Frozen text only.
+        self.content_term = bool(content_term and text_dim and not text_tokens)
+        self.content_beta = content_beta  # beta at initialisation
         # A learned weight of the id and of the text term per item from its training count
         # (see `gates`): head items may lean on the id, tail and cold items on text.
         self.frequency_gate = frequency_gate
@@ -43,6 +51,11 @@ class ItemTower(tf.keras.layers.Layer):
         self.num_price_buckets = num_price_buckets
         self.text_tokens = text_tokens  # >0: finetune mode, token ids stored, encoder in graph
         self.text_encoder: tf.keras.Model | None = None
+
+    @property
+    def score_dim(self) -> int:
+        """Width of the vectors that are scored: dim, plus text_dim with the content term."""
+        return self.dim + (self.text_dim if self.content_term else 0)
 
     def attach_text_encoder(self, encoder: tf.keras.Model, pooling: str,
                             trainable_layers: int) -> None:
@@ -85,9 +98,14 @@ class ItemTower(tf.keras.layers.Layer):
                 self.dim, kernel_initializer=init(), name="text_projection")
             with tf.name_scope("text_projection"):  # weights now, inside any strategy scope
                 self.text_projection.build((None, self.text_dim))
-        if self.frequency_gate:
+        if self.frequency_gate or self.content_term:
             self.log_count = self.add_weight("log_count", [rows], initializer="zeros",
                                              trainable=False)
+        if self.content_term:
+            self.content = ContentWeight(self.content_beta, name="content_weight")
+            with tf.name_scope("content_weight"):
+                self.content.build(None)
+        if self.frequency_gate:
             # rows: id, text; columns: slope and offset on log(1 + count). Zero init = both
             # gates 1, the model without them.
             self.gate_weights = self.add_weight("gate_weights", [2, 2], initializer="zeros")
@@ -116,9 +134,10 @@ class ItemTower(tf.keras.layers.Layer):
         if not self.built:
             self.build(None)
         self.seen_in_training.assign(seen_in_training.astype(np.float32))
-        if self.frequency_gate:
+        if self.frequency_gate or self.content_term:
             if train_counts is None:
-                raise ValueError("the frequency gate needs the items' training counts")
+                raise ValueError("the frequency gate and the content term need the items' "
+                                 "training counts")
             self.log_count.assign(np.log1p(train_counts.astype(np.float64)).astype(np.float32))
         if self.text_dim and not self.text_tokens:
             self.text_table.assign(unit_rows(text))
@@ -176,6 +195,31 @@ class ItemTower(tf.keras.layers.Layer):
         vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
         return tf.reshape(vectors, tf.concat([shape, [self.dim]], axis=0))
 
+    def content_parts(self, history: tf.Tensor, drop_seed: tf.Tensor | None = None
+                      ) -> tuple[tf.Tensor, tf.Tensor] | None:
+        """The query's content term after each position of left-padded histories [batch, seq]:
+        (beta [batch, seq], unit text vector of the item at that position [batch, seq,
+        text_dim]), beta from what the query knows there (ContentWeight). None when off."""
+        if not self.content_term:
+            return None
+        ids = tf.cast(history, tf.int32)
+        flat = tf.reshape(ids, [-1])
+        text = tf.reshape(self.text_vectors(flat), tf.concat([tf.shape(ids), [-1]], axis=0))
+        log_count = tf.reshape(rows(self.log_count, flat), tf.shape(ids))  # [batch, seq]
+        if drop_seed is not None:  # an id-dropped item counts as never trained, as in `call`
+            keep = tf.reshape(_hash_uniform(flat, drop_seed) >= self.id_dropout, tf.shape(ids))
+            log_count *= tf.cast(keep, log_count.dtype)
+        return self.content.beta(log_count, ids > 0), text
+
+    def content_query(self, history: tf.Tensor, drop_seed: tf.Tensor | None = None
+                      ) -> tf.Tensor | None:
+        """beta * text vector [batch, seq, text_dim]: the query's last columns (None: off)."""
+        parts = self.content_parts(history, drop_seed)
+        if parts is None:
+            return None
+        beta, text = parts
+        return beta[..., None] * tf.cast(text, tf.float32)
+
     def dropout_seed(self) -> tf.Tensor | None:
         """A fresh seed for one training step's id dropout (None when it is off): every call
         of the step passes it, so an item loses its id embedding everywhere in the step (as
@@ -204,8 +248,10 @@ class ItemTower(tf.keras.layers.Layer):
             vectors += projected
         for table, embedding in self.meta_tables.values():
             vectors += rows(embedding, rows(table, ids))
+        if self.content_term:  # [n, dim + text_dim]: the unit text vector, unprojected
+            vectors = tf.concat([vectors, tf.cast(text, vectors.dtype)], axis=1)
         vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
-        return tf.reshape(vectors, tf.concat([shape, [self.dim]], axis=0))  # [..., dim]
+        return tf.reshape(vectors, tf.concat([shape, [self.score_dim]], axis=0))
 
     def get_config(self):
         return {**super().get_config(), "num_items": self.num_items, "dim": self.dim,
@@ -213,7 +259,44 @@ class ItemTower(tf.keras.layers.Layer):
                 "num_brands": self.num_brands, "num_price_buckets": self.num_price_buckets,
                 "text_tokens": self.text_tokens, "id_dropout": self.id_dropout,
                 "text_experts": self.text_experts, "text_skip": self.text_skip,
-                "frequency_gate": self.frequency_gate}
+                "frequency_gate": self.frequency_gate, "content_term": self.content_term,
+                "content_beta": self.content_beta}
+
+
+class ContentWeight(tf.keras.layers.Layer):
+    """beta of the content term, per query position: softplus(w0 + w1 * log(1 + training count
+    of the newest item) + w2 * log(1 + history length)), times that item's unit text vector.
+
+    A query that knows little (a short history, a newest item seen rarely) may lean more on
+    text. w starts at (softplus^-1(beta_init), 0, 0): one beta for every query, and since the
+    id and sequence terms start near zero, step 0 ranks as the text-kNN baseline. Float32
+    under any precision policy (a small layer whose output is scored against unit vectors).
+    """
+
+    def __init__(self, beta_init: float = 2.0, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        self.beta_init = beta_init
+
+    def build(self, input_shape):
+        start = float(np.log(np.expm1(self.beta_init)))  # softplus^-1
+        self.w = self.add_weight("w", [3], initializer=tf.keras.initializers.Constant(
+            [start, 0.0, 0.0]))
+        super().build(input_shape)
+
+    def beta(self, log_count: tf.Tensor, real: tf.Tensor) -> tf.Tensor:
+        """log_count, real [batch, seq] (left-padded) -> beta [batch, seq]."""
+        length = tf.cumsum(tf.cast(real, tf.float32), axis=-1)  # items up to each position
+        x = self.w[0] + self.w[1] * tf.cast(log_count, tf.float32) + self.w[2] * tf.math.log1p(
+            length)
+        return tf.nn.softplus(x) * tf.cast(real, tf.float32)  # padding -> 0
+
+    def call(self, text: tf.Tensor, log_count: tf.Tensor, real: tf.Tensor) -> tf.Tensor:
+        """text [batch, seq, d] unit vectors -> beta * text [batch, seq, d]."""
+        return self.beta(log_count, real)[..., None] * tf.cast(text, tf.float32)
+
+    def get_config(self):
+        return {**super().get_config(), "beta_init": self.beta_init}
 
 
 def _hash_uniform(ids: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:

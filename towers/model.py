@@ -35,7 +35,10 @@ class RankingHead(tf.keras.layers.Layer):
         self.mlp.build((None, 3 * dim))
 
     def call(self, users: tf.Tensor, items: tf.Tensor) -> tf.Tensor:
-        users, items = tf.cast(users, tf.float32), tf.cast(items, tf.float32)
+        # The first `dim` columns: the content term's text columns (towers/item_tower.py) are
+        # for retrieval only.
+        users = tf.cast(users[..., :self.dim], tf.float32)
+        items = tf.cast(items[..., :self.dim], tf.float32)
         features = tf.concat([users, items, users * items], axis=-1)  # [..., 3 * dim]
         return tf.squeeze(self.mlp(features), axis=-1)  # [...]
 
@@ -87,7 +90,8 @@ class TwoTowerModel(tfrs.models.Model):
                                text_tokens=0 if frozen_text else spec.text_tokens,
                                id_dropout=spec.id_dropout, text_experts=spec.text_experts,
                                text_skip=spec.text_skip, frequency_gate=spec.frequency_gate,
-                               name="item_tower")
+                               content_term=spec.content_term,
+                               content_beta=spec.content_beta, name="item_tower")
         user_tower = UserTower(spec.user_tower, spec.dim, spec.max_seq_len,
                                num_blocks=spec.num_blocks, num_heads=spec.num_heads,
                                dropout=spec.dropout, gru_layers=spec.gru_layers,
@@ -126,23 +130,41 @@ class TwoTowerModel(tfrs.models.Model):
 
     # ---- inference pieces, reused by evaluation and export ----
     def all_item_vectors(self, drop_seed: tf.Tensor | None = None) -> tf.Tensor:
+        """Every item's scored vector [num_items + 1, score_dim] (row 0 padding)."""
         ids = tf.range(self.item_tower.num_items + 1)
-        return self.item_tower(ids, drop_seed=drop_seed)  # [num_items + 1, dim]
+        return self.item_tower(ids, drop_seed=drop_seed)
+
+    def encode(self, history: tf.Tensor, item_vectors: tf.Tensor | None = None,
+               event_types: tf.Tensor | None = None, training: bool | None = None,
+               drop_seed: tf.Tensor | None = None):
+        """The query after each position in two parts: the user tower's output [batch, seq,
+        dim], and with the content term (beta [batch, seq], unit text vector of the item at
+        each position [batch, seq, text_dim]), else None. The user tower reads the first
+        `dim` columns of the history's item vectors."""
+        if item_vectors is None:
+            embedded = self.item_tower(history, drop_seed=drop_seed)
+        else:
+            embedded = tf.gather(item_vectors, history)  # [batch, seq, score_dim]
+        encoded = self.user_tower(embedded[..., :self.item_tower.dim], history > 0,
+                                  event_types=event_types, training=training,
+                                  skip=self.item_tower.skip_vectors(history))
+        return encoded, self.item_tower.content_parts(history, drop_seed)
 
     def sequence_vectors(self, history: tf.Tensor, item_vectors: tf.Tensor | None = None,
                          event_types: tf.Tensor | None = None, training: bool | None = None,
                          drop_seed: tf.Tensor | None = None) -> tf.Tensor:
-        """User vector after each position: [batch, seq, dim]."""
-        if item_vectors is None:
-            embedded = self.item_tower(history, drop_seed=drop_seed)
-        else:
-            embedded = tf.gather(item_vectors, history)  # [batch, seq, dim]
-        return self.user_tower(embedded, history > 0, event_types=event_types,
-                               training=training, skip=self.item_tower.skip_vectors(history))
+        """Query vector after each position: [batch, seq, score_dim] (with the content term
+        it ends with beta * the text vector of the item at that position)."""
+        encoded, content = self.encode(history, item_vectors, event_types, training,
+                                       drop_seed)
+        if content is None:
+            return encoded
+        beta, text = content
+        return tf.concat([encoded, tf.cast(beta[..., None] * text, encoded.dtype)], axis=-1)
 
     def user_vector(self, history: tf.Tensor, item_vectors: tf.Tensor | None = None,
                     event_types: tf.Tensor | None = None) -> tf.Tensor:
-        """User vector after the newest item of a left-padded history: [batch, dim]."""
+        """Query vector after the newest item of a left-padded history: [batch, score_dim]."""
         return self.sequence_vectors(history, item_vectors, event_types, training=False)[:, -1]
 
     def rank(self, users: tf.Tensor, items: tf.Tensor) -> tf.Tensor:
@@ -157,21 +179,23 @@ class TwoTowerModel(tfrs.models.Model):
         full = self.retrieval.mode == "full"
         seed = self.item_tower.dropout_seed() if training else None  # id dropout, one per step
         all_items = self.all_item_vectors(seed) if full else None
-        sequence = self.sequence_vectors(history, all_items, features.get("event_types"),
-                                         training=training, drop_seed=seed)  # [batch, seq, dim]
+        sequence, content = self.encode(history, all_items, features.get("event_types"),
+                                        training=training, drop_seed=seed)  # [batch, seq, dim]
         has_target = targets > 0
         queries = tf.boolean_mask(sequence, has_target)  # [positions, dim]
         target_ids = tf.boolean_mask(targets, has_target)  # [positions]
+        if content is not None:  # (beta [positions], text [positions, text_dim])
+            content = tuple(tf.boolean_mask(part, has_target) for part in content)
         if full:
-            retrieval_loss = self.retrieval(queries, target_ids, all_items)
+            retrieval_loss = self.retrieval(queries, target_ids, all_items, content=content)
             target_vectors = tf.gather(all_items, target_ids)
         else:
             # Other replicas' targets are in the pool as ids: their vectors are computed here,
             # so this replica's gradient reaches their rows too.
             pool, target_index, draws = self.retrieval.candidate_pool(target_ids)
-            pool_vectors = self.item_tower(pool, drop_seed=seed)  # [c, dim]
+            pool_vectors = self.item_tower(pool, drop_seed=seed)  # [c, score_dim]
             retrieval_loss = self.retrieval(queries, target_ids, pool_vectors, pool,
-                                            target_index, draws)
+                                            target_index, draws, content=content)
             target_vectors = tf.gather(pool_vectors, target_index)
         loss = self.retrieval_weight * retrieval_loss
         if self.ranking_mode != "none":

@@ -48,6 +48,9 @@ class ModelSpec:
     unseen_negatives: bool = False  # never-trained items as softmax negatives (the old way)
     text_skip: bool = False  # user vector + projected text of the newest item (item_tower.py)
     frequency_gate: bool = False  # id and text terms weighted by the item's training count
+    # score + beta * cosine(newest history item's text, item's text), in the dot product
+    content_term: bool = False
+    content_beta: float = 2.0  # beta at initialisation (then learned)
 
     @property
     def event_type_of_requests(self) -> str | None:

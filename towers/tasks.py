@@ -86,24 +86,25 @@ class NextItemRetrieval(tf.keras.layers.Layer):
 
     def call(self, queries: tf.Tensor, target_ids: tf.Tensor, candidates: tf.Tensor,
              candidate_ids: tf.Tensor | None = None, target_index: tf.Tensor | None = None,
-             draws: tf.Tensor | None = None) -> tf.Tensor:
+             draws: tf.Tensor | None = None,
+             content: tuple[tf.Tensor, tf.Tensor] | None = None) -> tf.Tensor:
         """Mean loss over positions.
 
         queries [positions, dim]; target_ids [positions]. Full mode: candidates are all items
-        [num_items + 1, dim] (row 0 padding). Sampled mode: candidates [c, dim] for
+        [num_items + 1, score_dim] (row 0 padding). Sampled mode: candidates [c, score_dim] for
         `candidate_ids` [c] from `candidate_pool`, `target_index` the label column per position,
-        `draws` the in-batch draws (default: the positions).
+        `draws` the in-batch draws (default: the positions). `content` (beta [positions], unit
+        text vectors [positions, text_dim]): the content term, scored against the candidates'
+        last text_dim columns (towers/item_tower.py).
         """
         queries = tf.cast(queries, tf.float32)
         if self.mode == "full":
             # Row 0 of `candidates` is padding: score items 1..N only, labels shifted by one.
-            logits = tf.matmul(queries, tf.cast(candidates[1:], tf.float32),
-                               transpose_b=True)  # [positions, num_items]
+            logits = self._logits(queries, candidates[1:], content)  # [positions, num_items]
             logits = self._without_unseen(logits, self.popularity[1:])
             losses = tf.nn.sparse_softmax_cross_entropy_with_logits(target_ids - 1, logits)
             return tf.reduce_mean(losses)
-        logits = tf.matmul(queries, tf.cast(candidates, tf.float32),
-                           transpose_b=True)  # [positions, candidates]
+        logits = self._logits(queries, candidates, content)  # [positions, candidates]
         logits = self._without_unseen(logits, tf.gather(self.popularity, candidate_ids))
         if self.logq_correction:
             draws = tf.shape(target_ids)[0] if draws is None else draws
@@ -112,6 +113,24 @@ class NextItemRetrieval(tf.keras.layers.Layer):
             logits = self.logq(logits, q[None, :])
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(target_index, logits)
         return tf.reduce_mean(losses)
+
+    @staticmethod
+    def _logits(queries: tf.Tensor, candidates: tf.Tensor,
+                content: tuple[tf.Tensor, tf.Tensor] | None) -> tf.Tensor:
+        """queries [p, dim] . candidates [c, dim (+ text_dim)] -> [p, c], plus beta * cosine of
+        the text vectors with the content term: the same number as the wide dot product
+        [u ; beta c_u] . [v ; c_i] that serving computes. The text vectors are frozen and beta
+        only scales their cosine, so the cosine matrix needs no gradient: the content term
+        costs one forward matmul per step, not three."""
+        dim = queries.shape[-1]
+        logits = tf.matmul(queries, tf.cast(candidates[:, :dim], tf.float32), transpose_b=True)
+        if content is None:
+            return logits
+        beta, text = content
+        cosine = tf.stop_gradient(tf.matmul(tf.cast(text, tf.float32),
+                                            tf.cast(candidates[:, dim:], tf.float32),
+                                            transpose_b=True))  # [p, c]
+        return logits + tf.cast(beta, tf.float32)[:, None] * cosine
 
     def _without_unseen(self, logits: tf.Tensor, popularity: tf.Tensor) -> tf.Tensor:
         """Logits with the columns of never-trained items (popularity 0) at -1e9."""

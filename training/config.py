@@ -34,6 +34,10 @@ class TrainConfig:
     text_skip: bool = False
     # id and text terms of an item vector weighted by gates of its training count
     frequency_gate: bool = False
+    # score + beta * cosine(text of the newest history item, text of the item), inside the
+    # one dot product (towers/item_tower.py): auto = on whenever item text is frozen vectors
+    content_term: str = "auto"  # auto | on | off
+    content_beta: float = 2.0  # the content term's beta at initialisation (then learned)
     price_buckets: int = 10
     dim: int = 64
     max_seq_len: int = 50
@@ -89,6 +93,7 @@ class TrainConfig:
                    "ranking_target": ("auto", "rating", "purchase", "none"),
                    "mixed_precision": ("auto", "on", "off"),
                    "optimizer": ("auto", "adam", "lazy_adam"), "id_init": ("random", "text"),
+                   "content_term": ("auto", "on", "off"),
                    "distribute": ("auto", "mirrored", "multiworker", "parameter_server",
                                   "none")}
         for name, allowed in choices.items():
@@ -117,6 +122,14 @@ class TrainConfig:
         if self.id_init == "text" and (self.text_model == "none" or self.text_mode != "frozen"):
             raise ValueError("config id_init=text needs a frozen text model (text_model not "
                              "'none', text_mode frozen)")
+        if self.content_term == "on" and self.text_model == "none":
+            raise ValueError("config content_term=on needs item text (text_model is 'none'; "
+                             "use content_term off or auto)")
+        if self.content_term == "on" and self.text_mode != "frozen":
+            raise ValueError("config content_term=on needs text_mode=frozen (with a fine-tuned "
+                             "encoder the term would run it over every history item)")
+        if not 0.0 < self.content_beta < 100.0:
+            raise ValueError(f"config content_beta must be in (0, 100), got {self.content_beta}")
         if not 0.0 <= self.cold_items < 1.0:
             raise ValueError(f"config cold_items must be in [0, 1), got {self.cold_items}")
         if self.ps_shards < 0:

@@ -144,7 +144,9 @@ def model_spec(config: TrainConfig, data: TrainingData) -> ModelSpec:
         # Frozen text only: with a fine-tuned encoder the channel would run it a second time
         # over every history item of every step.
         text_skip=bool(config.text_skip and features.text is not None),
-        frequency_gate=config.frequency_gate)
+        frequency_gate=config.frequency_gate,
+        content_term=config.content_term != "off" and features.text is not None,
+        content_beta=config.content_beta)
 
 
 def user_histories(seqs: Sequences, items: pd.DataFrame) -> pd.DataFrame:

@@ -76,6 +76,22 @@ def summary_lines(results: dict) -> list[str]:
         cold = results["cold_test"]
         lines.append(f"cold items ({cold['users']} test users): HR@10 {cold['hr@10']:.4f}  "
                      f"NDCG@10 {cold['ndcg@10']:.4f}")
+        shelf = results.get("cold_test_among_cold")
+        knn = results.get("cold_text_knn_test")
+        knn_shelf = results.get("cold_text_knn_test_among_cold")
+        if knn:
+            lines.append(f"  text kNN on them:              NDCG@10 {knn['ndcg@10']:.4f}")
+        if shelf:
+            lines.append(f"  ranked among cold items only:  NDCG@10 {shelf['ndcg@10']:.4f}"
+                         + (f" (text kNN {knn_shelf['ndcg@10']:.4f})" if knn_shelf else ""))
+        calibration = results.get("score_calibration") or {}
+        warm, cold_top = calibration.get("warm_top10"), calibration.get("cold_top10")
+        if warm and cold_top:
+            lines.append(f"  top-10 scores, warm vs cold items: mean {warm['mean']:.2f} vs "
+                         f"{cold_top['mean']:.2f}, p90 {warm['p90']:.2f} vs "
+                         f"{cold_top['p90']:.2f}, p99 {warm['p99']:.2f} vs "
+                         f"{cold_top['p99']:.2f}; cold share of the top 10 "
+                         f"{calibration['cold_share_of_top10']:.1%}")
     if "slices" in results:
         lines.extend(slice_lines(results["slices"]))
     if math.isfinite(results["positions_per_second"]):

@@ -241,7 +241,7 @@ def attention_png(model: TwoTowerModel, spec: ModelSpec, vectors: np.ndarray,
     if not len(users):
         return None, "No user has a test-split history to show."
     weights = model.user_tower.attention_weights(
-        tf.gather(vectors, history), tf.constant(history > 0),
+        tf.gather(vectors[:, :spec.dim], history), tf.constant(history > 0),
         None if events is None else tf.constant(events))
     newest = np.stack([w[:, :, -1, :].numpy().mean(axis=1) for w in weights], 1)  # [u, b, seq]
     titles, lengths = _titles(items), (history > 0).sum(axis=1)
@@ -372,8 +372,24 @@ def metrics_tables(results: dict) -> str:
             for name, label in SCORERS.items()
             if (m := results.get("cold_test" if name == "model" else f"cold_{name}_test"))]
     if cold:
-        out += (f"<p>Targets among the {results.get('cold_items', 0):,} held-out (cold) items:"
-                "</p>" + _table(["scorer", "users", "HR@10", "NDCG@10"], cold))
+        for row in cold:
+            name = next(n for n, label in SCORERS.items() if label == row[0])
+            shelf = results.get(("cold_test" if name == "model" else f"cold_{name}_test")
+                                + "_among_cold")
+            row.append(_number(shelf["ndcg@10"]) if shelf else "")
+        out += (f"<p>Targets among the {results.get('cold_items', 0):,} held-out (cold) items "
+                "(full catalog; last column: ranked among cold items only, a new-arrivals "
+                "shelf):</p>" + _table(["scorer", "users", "HR@10", "NDCG@10",
+                                        "NDCG@10 among cold"], cold))
+    calibration = results.get("score_calibration") or {}
+    parts = [(name, calibration.get(f"{name}_top10")) for name in ("warm", "cold")]
+    if all(p for _, p in parts):
+        out += (f"<p>Model scores of the top 10 warm and top 10 cold items per user "
+                f"({calibration['users']:,} test users; cold items are "
+                f"{calibration['cold_share_of_top10']:.1%} of the full top 10):</p>"
+                + _table(["items", "mean", "p90", "p99"],
+                         [[name, *(_number(p[k]) for k in ("mean", "p90", "p99"))]
+                          for name, p in parts]))
     return out
 
 
