@@ -62,8 +62,9 @@ class _Base(tf.Module):
                  log_counts: np.ndarray | None = None):
         super().__init__()
         self.user_tower = user_tower
-        # [num_items + 1, score_dim]: with the content term, [v_i ; c_i] (c_i the unit text
-        # vector), else v_i alone; the user tower reads the first `dim` columns.
+        # [num_items + 1, score_dim]: with the content term [v_i ; g_i c_i ; b_i] (c_i the unit
+        # text vector, towers/item_tower.py), else v_i alone; the user tower reads the first
+        # `dim` columns.
         self.item_vectors = tf.constant(item_vectors, tf.float32)
         self.dim = item_vectors.shape[1] if dim is None else dim
         # The content term's beta (towers/item_tower.py ContentWeight) and its input, each
@@ -93,9 +94,12 @@ class _Base(tf.Module):
                                   training=False, skip=skip)
         users = tf.cast(encoded[:, -1], tf.float32)  # [batch, dim]
         if self.content is not None:
-            content = self.content(vectors[..., self.dim:], tf.gather(self.log_counts, items),
-                                   items > 0)  # [batch, max_len, text_dim]
-            users = tf.concat([users, tf.cast(content[:, -1], tf.float32)], axis=1)
+            # g_i > 0, so normalising g_i c_i gives back the unit text vector c_i.
+            text = tf.math.l2_normalize(vectors[..., self.dim:-1], axis=-1)
+            real = items > 0
+            beta = self.content.beta(tf.gather(self.log_counts, items), real)
+            query = self.content.query(beta, text, real)  # [batch, max_len, text_dim + 1]
+            users = tf.concat([users, query[:, -1]], axis=1)
         return users, idx
 
 

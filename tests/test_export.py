@@ -286,7 +286,10 @@ def test_content_term_is_exported_in_the_scored_vectors(restored):
     spec, model, items, version = restored
     assert spec.content_term and spec.text_dim
     vectors = np.stack(pd.read_parquet(version / "item_embeddings.parquet")["embedding"])
-    assert vectors.shape == (spec.num_items, spec.dim + spec.text_dim)
-    np.testing.assert_allclose(np.linalg.norm(vectors[:, spec.dim:], axis=1), 1.0, atol=1e-5)
+    assert vectors.shape == (spec.num_items, spec.dim + spec.text_dim + 1)
+    text = vectors[:, spec.dim:-1]  # g_i c_i: a positive multiple of the unit text vector
+    unit = model.item_tower.text_table.numpy()[1:]
+    np.testing.assert_allclose(text / np.linalg.norm(text, axis=1, keepdims=True), unit,
+                               atol=1e-5)
     metadata = json.loads((version / "metadata.json").read_text())
-    assert metadata["embedding_dim"] == spec.dim + spec.text_dim
+    assert metadata["embedding_dim"] == spec.dim + spec.text_dim + 1

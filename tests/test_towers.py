@@ -255,16 +255,21 @@ def test_text_skip_adds_the_newest_items_projected_text():
 
 
 def test_content_term_logits_equal_the_wide_dot_product():
-    # Training scores u . v + beta * cos(c_u, c_i) without building the wide vectors; serving
-    # scores [u ; beta c_u] . [v ; c_i]. Both must be the same number.
+    # Training scores u . v + beta * g * cos(c_u, c_i) + b without building the wide vectors;
+    # serving scores [u ; beta c_u ; 1] . [v ; g c_i ; b]. Both must be the same number.
     rng = np.random.default_rng(0)
     queries = tf.constant(rng.normal(size=(3, 4)), tf.float32)
     text = tf.constant(unit_rows(rng.normal(size=(3, 5))))
     beta = tf.constant([0.5, 2.0, 3.0])
-    candidates = tf.constant(np.c_[rng.normal(size=(6, 4)), unit_rows(rng.normal(size=(6, 5)))],
-                             tf.float32)
-    logits = NextItemRetrieval._logits(queries, candidates, (beta, text)).numpy()
-    wide = np.c_[queries.numpy(), beta.numpy()[:, None] * text.numpy()]
+    items = rng.normal(size=(6, 4)).astype(np.float32)
+    item_text = unit_rows(rng.normal(size=(6, 5)))
+    weight = rng.uniform(0.5, 2.0, 6).astype(np.float32)
+    bias = np.r_[0.0, 0.0, -1.5, 0.0, -1.5, 0.0].astype(np.float32)
+    candidates = tf.constant(np.c_[items, weight[:, None] * item_text, bias], tf.float32)
+    logits = NextItemRetrieval._logits(
+        queries, candidates, ((beta, text), (tf.constant(weight), tf.constant(item_text),
+                                             tf.constant(bias)))).numpy()
+    wide = np.c_[queries.numpy(), beta.numpy()[:, None] * text.numpy(), np.ones(3)]
     np.testing.assert_allclose(logits, wide @ candidates.numpy().T, rtol=1e-5, atol=1e-5)
 
 
@@ -294,12 +299,14 @@ def test_content_term_makes_the_text_knn_baseline_a_special_case():
     text = np.r_[np.zeros((1, 6)), rng.normal(size=(9, 6))].astype(np.float32)
     model = _content_model(text)
     items = model.all_item_vectors().numpy()
-    assert items.shape == (10, 8 + 6)
-    np.testing.assert_allclose(items[:, 8:], unit_rows(text), atol=1e-6)  # c_i, exact
+    assert items.shape == (10, 8 + 6 + 1)
+    np.testing.assert_allclose(items[:, 8:14], unit_rows(text), atol=1e-6)  # g = 1 at start
+    assert not items[:, 14].any()  # no bias at the start
     assert not items[0].any()  # padding
     history = tf.constant([[0, 3, 5, 2], [0, 0, 0, 7]])
     queries = model.user_vector(history).numpy()
-    np.testing.assert_allclose(queries[:, 8:], 2.0 * unit_rows(text)[[2, 7]], rtol=1e-5)
+    np.testing.assert_allclose(queries[:, 8:14], 2.0 * unit_rows(text)[[2, 7]], rtol=1e-5)
+    np.testing.assert_allclose(queries[:, 14], 1.0)
     # With every trained weight of the towers at zero, only the content term is left: the
     # model ranks items exactly as the text kNN baseline does (cosine with the last item).
     for weight in model.item_tower.trainable_weights + model.user_tower.trainable_weights:
@@ -308,6 +315,27 @@ def test_content_term_makes_the_text_knn_baseline_a_special_case():
     scores = model.user_vector(history).numpy() @ model.all_item_vectors().numpy().T
     cosine = unit_rows(text)[[2, 7]] @ unit_rows(text).T
     np.testing.assert_allclose(scores, 2.0 * cosine, atol=1e-5)
+
+
+def test_content_item_terms_weigh_text_and_calibrate_items_known_only_by_text():
+    text = np.r_[np.zeros((1, 3)), np.eye(3)].astype(np.float32)
+    model = _content_model(text)  # training counts 1, 2, 3
+    tower = model.item_tower
+    tower.content.item_w.assign([0.0, -1.0])  # text counts less for items trained on more
+    tower.content.no_id_bias.assign(0.7)
+    tower.seen_in_training.assign([0.0, 1.0, 1.0, 0.0])  # item 3: cold
+    tower.log_count.assign(np.log1p([0.0, 1.0, 2.0, 0.0]).astype(np.float32))
+    items = model.all_item_vectors().numpy()
+    x = np.log1p([1.0, 2.0, 0.0])
+    np.testing.assert_allclose(np.linalg.norm(items[1:, 8:11], axis=1), np.log1p(np.exp(-x)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(items[1:, 11], [0.0, 0.0, 0.7])  # bias only without an id
+    # Id dropout: an item whose id is dropped this step gets what a cold item gets.
+    tower.id_dropout = 0.999
+    dropped = model.item_tower(tf.constant([1, 2]), drop_seed=tf.constant(7, tf.int64)).numpy()
+    np.testing.assert_allclose(dropped[:, 11], 0.7)
+    np.testing.assert_allclose(np.linalg.norm(dropped[:, 8:11], axis=1), np.log(2.0),
+                               rtol=1e-5)
 
 
 def test_content_beta_depends_on_what_the_query_knows():

@@ -1,5 +1,6 @@
 """Item tower: item vector = id embedding + projected text embedding + metadata embeddings,
-and, with the content term on, the item's unit text vector beside it: [v_i ; c_i].
+and, with the content term on, the item's weighted unit text vector and a bias beside it:
+[v_i ; g_i c_i ; b_i] (see ContentWeight).
 
 Item features (text vectors or token ids, category, brand, price bucket, which items were seen
 in training) live in non-trainable tables indexed by item_idx, filled once by `set_item_features`.
@@ -25,9 +26,9 @@ class ItemTower(tf.keras.layers.Layer):
                  frequency_gate: bool = False, content_term: bool = False,
                  content_beta: float = 2.0, **kwargs):
         super().__init__(**kwargs)
-        # The content term (see `content_query`): item vectors end with the item's unit text
-        # vector, query vectors with beta times the newest history item's, so every score holds
-        # beta * cosine(text of the newest item, text of the item) exactly: the text-kNN
+        # The content term (see ContentWeight): item vectors end with [g_i c_i ; b_i], query
+        # vectors with [beta c_u ; 1] (c the unit text vectors, c_u the newest history item's),
+        # so every score holds beta * g_i * cosine(c_u, c_i) + b_i exactly: the text-kNN
         # baseline is the model with its id and sequence terms at zero. Frozen text only.
         self.content_term = bool(content_term and text_dim and not text_tokens)
         self.content_beta = content_beta  # beta at initialisation
@@ -54,8 +55,8 @@ class ItemTower(tf.keras.layers.Layer):
 
     @property
     def score_dim(self) -> int:
-        """Width of the vectors that are scored: dim, plus text_dim with the content term."""
-        return self.dim + (self.text_dim if self.content_term else 0)
+        """Width of the vectors that are scored: dim, plus text_dim + 1 with the content term."""
+        return self.dim + (self.text_dim + 1 if self.content_term else 0)
 
     def attach_text_encoder(self, encoder: tf.keras.Model, pooling: str,
                             trainable_layers: int) -> None:
@@ -195,6 +196,15 @@ class ItemTower(tf.keras.layers.Layer):
         vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
         return tf.reshape(vectors, tf.concat([shape, [self.dim]], axis=0))
 
+    def _known_log_count(self, ids: tf.Tensor, drop_seed: tf.Tensor | None) -> tf.Tensor:
+        """log(1 + training count) of item ids (any shape), 0 for an item whose id embedding
+        is dropped this step: id dropout trains what items never seen in training get."""
+        log_count = rows(self.log_count, tf.reshape(ids, [-1]))
+        if drop_seed is not None:
+            keep = _hash_uniform(tf.reshape(ids, [-1]), drop_seed) >= self.id_dropout
+            log_count *= tf.cast(keep, log_count.dtype)
+        return tf.reshape(log_count, tf.shape(ids))
+
     def content_parts(self, history: tf.Tensor, drop_seed: tf.Tensor | None = None
                       ) -> tuple[tf.Tensor, tf.Tensor] | None:
         """The query's content term after each position of left-padded histories [batch, seq]:
@@ -203,22 +213,28 @@ class ItemTower(tf.keras.layers.Layer):
         if not self.content_term:
             return None
         ids = tf.cast(history, tf.int32)
-        flat = tf.reshape(ids, [-1])
-        text = tf.reshape(self.text_vectors(flat), tf.concat([tf.shape(ids), [-1]], axis=0))
-        log_count = tf.reshape(rows(self.log_count, flat), tf.shape(ids))  # [batch, seq]
-        if drop_seed is not None:  # an id-dropped item counts as never trained, as in `call`
-            keep = tf.reshape(_hash_uniform(flat, drop_seed) >= self.id_dropout, tf.shape(ids))
-            log_count *= tf.cast(keep, log_count.dtype)
-        return self.content.beta(log_count, ids > 0), text
+        text = tf.reshape(self.text_vectors(tf.reshape(ids, [-1])),
+                          tf.concat([tf.shape(ids), [-1]], axis=0))
+        beta = self.content.beta(self._known_log_count(ids, drop_seed), ids > 0)
+        return beta, text
 
     def content_query(self, history: tf.Tensor, drop_seed: tf.Tensor | None = None
                       ) -> tf.Tensor | None:
-        """beta * text vector [batch, seq, text_dim]: the query's last columns (None: off)."""
+        """[beta c_u ; 1] after each position [batch, seq, text_dim + 1]: the query's last
+        columns (None: off)."""
         parts = self.content_parts(history, drop_seed)
         if parts is None:
             return None
         beta, text = parts
-        return beta[..., None] * tf.cast(text, tf.float32)
+        return self.content.query(beta, text, history > 0)
+
+    def item_content(self, ids: tf.Tensor, drop_seed: tf.Tensor | None = None
+                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The item side of the content term for item ids [n]: (g [n], unit text [n, text_dim],
+        b [n]); see ContentWeight."""
+        ids = tf.cast(ids, tf.int32)
+        weight, bias = self.content.item_terms(self._known_log_count(ids, drop_seed))
+        return weight, self.text_vectors(ids), bias
 
     def dropout_seed(self) -> tf.Tensor | None:
         """A fresh seed for one training step's id dropout (None when it is off): every call
@@ -248,8 +264,10 @@ class ItemTower(tf.keras.layers.Layer):
             vectors += projected
         for table, embedding in self.meta_tables.values():
             vectors += rows(embedding, rows(table, ids))
-        if self.content_term:  # [n, dim + text_dim]: the unit text vector, unprojected
-            vectors = tf.concat([vectors, tf.cast(text, vectors.dtype)], axis=1)
+        if self.content_term:  # [n, dim + text_dim + 1]: [v ; g c ; b], c unprojected
+            weight, unit, bias = self.item_content(ids, drop_seed)
+            vectors = tf.concat([vectors, tf.cast(weight[:, None] * unit, vectors.dtype),
+                                 tf.cast(bias[:, None], vectors.dtype)], axis=1)
         vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
         return tf.reshape(vectors, tf.concat([shape, [self.score_dim]], axis=0))
 
@@ -264,13 +282,18 @@ class ItemTower(tf.keras.layers.Layer):
 
 
 class ContentWeight(tf.keras.layers.Layer):
-    """beta of the content term, per query position: softplus(w0 + w1 * log(1 + training count
-    of the newest item) + w2 * log(1 + history length)), times that item's unit text vector.
+    """The content term's weights. Score = u . v_i + beta_u * g_i * cosine(c_u, c_i) + b_i:
 
-    A query that knows little (a short history, a newest item seen rarely) may lean more on
-    text. w starts at (softplus^-1(beta_init), 0, 0): one beta for every query, and since the
-    id and sequence terms start near zero, step 0 ranks as the text-kNN baseline. Float32
-    under any precision policy (a small layer whose output is scored against unit vectors).
+    - beta_u = softplus(w0 + w1 * x_u + w2 * log(1 + history length)), x_u = log(1 + training
+      count) of the newest history item: a query that knows little may lean more on text;
+    - g_i = softplus(a0 + a1 * x_i) and b_i = bias * [x_i = 0], x_i the candidate's log(1 +
+      training count), 0 for an item without its id embedding (never trained, or id-dropped
+      this step): how much text likeness counts for an item, and where items the model knows
+      only by text and metadata sit against the others (calibration: id dropout trains both on
+      warm items standing in for cold ones).
+
+    Start: beta = beta_init and g = 1 everywhere, b = 0; the id and sequence terms start near
+    zero, so step 0 ranks as the text-kNN baseline. Float32 under any precision policy.
     """
 
     def __init__(self, beta_init: float = 2.0, **kwargs):
@@ -279,24 +302,41 @@ class ContentWeight(tf.keras.layers.Layer):
         self.beta_init = beta_init
 
     def build(self, input_shape):
-        start = float(np.log(np.expm1(self.beta_init)))  # softplus^-1
-        self.w = self.add_weight("w", [3], initializer=tf.keras.initializers.Constant(
-            [start, 0.0, 0.0]))
+        def start(values):
+            return tf.keras.initializers.Constant(values)
+
+        self.w = self.add_weight("w", [3], initializer=start(
+            [_softplus_inverse(self.beta_init), 0.0, 0.0]))
+        self.item_w = self.add_weight("item_w", [2], initializer=start(
+            [_softplus_inverse(1.0), 0.0]))
+        self.no_id_bias = self.add_weight("no_id_bias", [], initializer="zeros")
         super().build(input_shape)
 
     def beta(self, log_count: tf.Tensor, real: tf.Tensor) -> tf.Tensor:
-        """log_count, real [batch, seq] (left-padded) -> beta [batch, seq]."""
+        """log_count, real [batch, seq] (left-padded) -> beta [batch, seq] (padding: 0)."""
         length = tf.cumsum(tf.cast(real, tf.float32), axis=-1)  # items up to each position
         x = self.w[0] + self.w[1] * tf.cast(log_count, tf.float32) + self.w[2] * tf.math.log1p(
             length)
-        return tf.nn.softplus(x) * tf.cast(real, tf.float32)  # padding -> 0
+        return tf.nn.softplus(x) * tf.cast(real, tf.float32)
 
-    def call(self, text: tf.Tensor, log_count: tf.Tensor, real: tf.Tensor) -> tf.Tensor:
-        """text [batch, seq, d] unit vectors -> beta * text [batch, seq, d]."""
-        return self.beta(log_count, real)[..., None] * tf.cast(text, tf.float32)
+    def item_terms(self, log_count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """log(1 + training count) of items [n] (0: no id) -> (g [n], b [n])."""
+        x = tf.cast(log_count, tf.float32)
+        weight = tf.nn.softplus(self.item_w[0] + self.item_w[1] * x)
+        bias = self.no_id_bias * tf.cast(tf.equal(x, 0.0), tf.float32)
+        return weight, bias
+
+    def query(self, beta: tf.Tensor, text: tf.Tensor, real: tf.Tensor) -> tf.Tensor:
+        """beta [batch, seq], unit text [batch, seq, d] -> [beta c ; 1] [batch, seq, d + 1]."""
+        return tf.concat([beta[..., None] * tf.cast(text, tf.float32),
+                          tf.cast(real, tf.float32)[..., None]], axis=-1)
 
     def get_config(self):
         return {**super().get_config(), "beta_init": self.beta_init}
+
+
+def _softplus_inverse(value: float) -> float:
+    return float(np.log(np.expm1(value)))
 
 
 def _hash_uniform(ids: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:

@@ -154,13 +154,13 @@ class TwoTowerModel(tfrs.models.Model):
                          event_types: tf.Tensor | None = None, training: bool | None = None,
                          drop_seed: tf.Tensor | None = None) -> tf.Tensor:
         """Query vector after each position: [batch, seq, score_dim] (with the content term
-        it ends with beta * the text vector of the item at that position)."""
+        it ends with [beta c ; 1], c the unit text vector of the item at that position)."""
         encoded, content = self.encode(history, item_vectors, event_types, training,
                                        drop_seed)
         if content is None:
             return encoded
-        beta, text = content
-        return tf.concat([encoded, tf.cast(beta[..., None] * text, encoded.dtype)], axis=-1)
+        query = self.item_tower.content.query(*content, history > 0)
+        return tf.concat([encoded, tf.cast(query, encoded.dtype)], axis=-1)
 
     def user_vector(self, history: tf.Tensor, item_vectors: tf.Tensor | None = None,
                     event_types: tf.Tensor | None = None) -> tf.Tensor:
@@ -187,6 +187,9 @@ class TwoTowerModel(tfrs.models.Model):
         if content is not None:  # (beta [positions], text [positions, text_dim])
             content = tuple(tf.boolean_mask(part, has_target) for part in content)
         if full:
+            if content is not None:  # every item's (g, unit text, b)
+                content = (content, self.item_tower.item_content(
+                    tf.range(self.item_tower.num_items + 1), seed))
             retrieval_loss = self.retrieval(queries, target_ids, all_items, content=content)
             target_vectors = tf.gather(all_items, target_ids)
         else:
@@ -194,6 +197,8 @@ class TwoTowerModel(tfrs.models.Model):
             # so this replica's gradient reaches their rows too.
             pool, target_index, draws = self.retrieval.candidate_pool(target_ids)
             pool_vectors = self.item_tower(pool, drop_seed=seed)  # [c, score_dim]
+            if content is not None:
+                content = (content, self.item_tower.item_content(pool, seed))
             retrieval_loss = self.retrieval(queries, target_ids, pool_vectors, pool,
                                             target_index, draws, content=content)
             target_vectors = tf.gather(pool_vectors, target_index)
