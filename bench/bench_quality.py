@@ -80,6 +80,9 @@ CONFIGS.update({
     "sasrec-short-text": ["--user-tower", "sasrec", "--text-max-length", "8"],
     # The content term (towers/item_tower.py, on by default with text) off: the model before it.
     "sasrec-no-content": ["--user-tower", "sasrec", "--content-term", "off"],
+    # Id embeddings bounded: a warm item = its text + metadata vector + an offset of norm <= 0.5.
+    "sasrec-id-max-norm": ["--user-tower", "sasrec", "--id-max-norm", "0.5"],
+    "sasrec-id-dropout-0.5-content": ["--user-tower", "sasrec", "--id-dropout", "0.5"],
 })
 DEFAULT_CONFIGS = ["sasrec", "gru", "sasrec-reference"]
 

@@ -24,8 +24,11 @@ class ItemTower(tf.keras.layers.Layer):
                  num_brands: int = 0, num_price_buckets: int = 0, text_tokens: int = 0,
                  id_dropout: float = 0.0, text_experts: int = 0, text_skip: bool = False,
                  frequency_gate: bool = False, content_term: bool = False,
-                 content_beta: float = 2.0, **kwargs):
+                 content_beta: float = 2.0, id_max_norm: float = 0.0, **kwargs):
         super().__init__(**kwargs)
+        # > 0: each id embedding row is clipped to this norm, so a warm item's vector is its
+        # text + metadata vector plus a bounded offset (Let It Go, RecSys 2025); 0 = unbounded.
+        self.id_max_norm = id_max_norm
         # The content term (see ContentWeight): item vectors end with [g_i c_i ; b_i], query
         # vectors with [beta c_u ; 1] (c the unit text vectors, c_u the newest history item's),
         # so every score holds beta * g_i * cosine(c_u, c_i) + b_i exactly: the text-kNN
@@ -251,7 +254,10 @@ class ItemTower(tf.keras.layers.Layer):
         if drop_seed is not None:
             keep = _hash_uniform(ids, drop_seed) >= self.id_dropout
             seen *= tf.cast(keep, seen.dtype)[:, None]
-        vectors = rows(self.id_embedding, ids) * seen  # [n, dim]
+        vectors = rows(self.id_embedding, ids)  # [n, dim]
+        if self.id_max_norm:
+            vectors = tf.clip_by_norm(vectors, self.id_max_norm, axes=[1])
+        vectors *= seen
         text_gate = None
         if self.frequency_gate:
             id_gate, text_gate = self.gates(ids, seen)
@@ -278,7 +284,7 @@ class ItemTower(tf.keras.layers.Layer):
                 "text_tokens": self.text_tokens, "id_dropout": self.id_dropout,
                 "text_experts": self.text_experts, "text_skip": self.text_skip,
                 "frequency_gate": self.frequency_gate, "content_term": self.content_term,
-                "content_beta": self.content_beta}
+                "content_beta": self.content_beta, "id_max_norm": self.id_max_norm}
 
 
 class ContentWeight(tf.keras.layers.Layer):

@@ -91,7 +91,8 @@ class TwoTowerModel(tfrs.models.Model):
                                id_dropout=spec.id_dropout, text_experts=spec.text_experts,
                                text_skip=spec.text_skip, frequency_gate=spec.frequency_gate,
                                content_term=spec.content_term,
-                               content_beta=spec.content_beta, name="item_tower")
+                               content_beta=spec.content_beta, id_max_norm=spec.id_max_norm,
+                               name="item_tower")
         user_tower = UserTower(spec.user_tower, spec.dim, spec.max_seq_len,
                                num_blocks=spec.num_blocks, num_heads=spec.num_heads,
                                dropout=spec.dropout, gru_layers=spec.gru_layers,

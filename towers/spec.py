@@ -51,6 +51,7 @@ class ModelSpec:
     # score + beta * cosine(newest history item's text, item's text), in the dot product
     content_term: bool = False
     content_beta: float = 2.0  # beta at initialisation (then learned)
+    id_max_norm: float = 0.0  # > 0: id embedding rows clipped to this norm (bounded offset)
 
     @property
     def event_type_of_requests(self) -> str | None:

@@ -38,6 +38,9 @@ class TrainConfig:
     # one dot product (towers/item_tower.py): auto = on whenever item text is frozen vectors
     content_term: str = "auto"  # auto | on | off
     content_beta: float = 2.0  # the content term's beta at initialisation (then learned)
+    # > 0: every id embedding row clipped to this norm, so a warm item is its text + metadata
+    # vector plus a bounded offset (Let It Go, RecSys 2025); 0 = unbounded
+    id_max_norm: float = 0.0
     price_buckets: int = 10
     dim: int = 64
     max_seq_len: int = 50
@@ -128,6 +131,8 @@ class TrainConfig:
         if self.content_term == "on" and self.text_mode != "frozen":
             raise ValueError("config content_term=on needs text_mode=frozen (with a fine-tuned "
                              "encoder the term would run it over every history item)")
+        if self.id_max_norm < 0:
+            raise ValueError(f"config id_max_norm must be >= 0, got {self.id_max_norm}")
         if not 0.0 < self.content_beta < 100.0:
             raise ValueError(f"config content_beta must be in (0, 100), got {self.content_beta}")
         if not 0.0 <= self.cold_items < 1.0:

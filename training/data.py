@@ -146,7 +146,7 @@ def model_spec(config: TrainConfig, data: TrainingData) -> ModelSpec:
         text_skip=bool(config.text_skip and features.text is not None),
         frequency_gate=config.frequency_gate,
         content_term=config.content_term != "off" and features.text is not None,
-        content_beta=config.content_beta)
+        content_beta=config.content_beta, id_max_norm=config.id_max_norm)
 
 
 def user_histories(seqs: Sequences, items: pd.DataFrame) -> pd.DataFrame:
