@@ -193,7 +193,7 @@ async def recommend_session(model: Model, metrics: Metrics,
                        **UNAVAILABLE})
 def similar_items(model: Model, item_id: Annotated[str, PathParam(max_length=256)],
                   k: Annotated[int, Query(ge=1, le=K_MAX)] = 10) -> SimilarResponse:
-    """Nearest items by cosine similarity of item-tower vectors, the item itself excluded."""
+    """Nearest items by cosine of the exported item vectors, the item itself excluded."""
     found = model.similar(item_id, k)
     if found is None:
         raise HTTPException(404, f"unknown item_id {item_id!r} (model version "
