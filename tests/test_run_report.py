@@ -99,3 +99,25 @@ def test_report_of_an_unfinished_run_fails_and_writes_nothing(tmp_path):
     assert [p.name for p in half.iterdir()] == ["config.yaml"]
     with pytest.raises(ValueError, match="no such run directory"):
         write_run_report(tmp_path / "no-such-run")
+
+
+def test_report_shows_the_cold_shelf_and_the_score_calibration():
+    from training.run_report import metrics_tables
+
+    def scored(ndcg, users=7):
+        return {"users": users, "hr@10": 0.5, "ndcg@10": ndcg, "mrr": 0.2, "coverage@10": 0.3}
+    results = {"test": scored(0.2, 70), "popularity_test": scored(0.01, 70),
+               "text_knn_test": scored(0.1, 70), "cold_items": 12,
+               "cold_test": scored(0.0811), "cold_popularity_test": scored(0.0),
+               "cold_text_knn_test": scored(0.1234),
+               "cold_test_among_cold": scored(0.2718), "cold_text_knn_test_among_cold":
+               scored(0.2345),
+               "score_calibration": {"users": 70, "cold_share_of_top10": 0.083,
+                                     "warm_top10": {"mean": 4.5, "p90": 6.25, "p99": 7.75},
+                                     "cold_top10": {"mean": 3.125, "p90": 4.5, "p99": 6.5}}}
+    html = metrics_tables(results)
+    for figure in ("0.2718", "0.2345", "0.0811", "0.1234", "8.3%", "7.7500", "3.1250",
+                   "among cold"):
+        assert figure in html, figure
+    assert "among cold" not in metrics_tables({k: v for k, v in results.items()
+                                               if "cold" not in k})
