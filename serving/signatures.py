@@ -67,6 +67,10 @@ class _Base(tf.Module):
         # `dim` columns.
         self.item_vectors = tf.constant(item_vectors, tf.float32)
         self.dim = item_vectors.shape[1] if dim is None else dim
+        # The user tower's inputs, [num_items + 1, dim]: a narrow copy, so a history gathers
+        # dim columns per item, not the scored width.
+        self.item_inputs = (self.item_vectors if self.dim == item_vectors.shape[1]
+                            else tf.constant(item_vectors[:, :self.dim], tf.float32))
         # The content term's beta (towers/item_tower.py ContentWeight) and its input, each
         # item's log(1 + training count); None: the model has no content term.
         self.content = content
@@ -87,19 +91,21 @@ class _Base(tf.Module):
                  else tf.zeros_like(idx))
         kinds = tf.where(kinds > 0, kinds, tf.fill(tf.shape(kinds), self.default_event))
         items, kinds = newest_left_padded(idx, kinds, self.max_len)
-        vectors = tf.gather(self.item_vectors, items)  # [batch, max_len, score_dim]
+        vectors = tf.gather(self.item_inputs, items)  # [batch, max_len, dim]
         skip = None if self.skip_vectors is None else tf.gather(self.skip_vectors, items)
-        encoded = self.user_tower(vectors[..., :self.dim], items > 0,
+        encoded = self.user_tower(vectors, items > 0,
                                   event_types=kinds if self.use_events else None,
                                   training=False, skip=skip)
         users = tf.cast(encoded[:, -1], tf.float32)  # [batch, dim]
         if self.content is not None:
+            # The content term reads the newest item only (left-padded: the last column).
             # g_i > 0, so normalising g_i c_i gives back the unit text vector c_i.
-            text = tf.math.l2_normalize(vectors[..., self.dim:-1], axis=-1)
             real = items > 0
-            beta = self.content.beta(tf.gather(self.log_counts, items), real)
-            query = self.content.query(beta, text, real)  # [batch, max_len, text_dim + 1]
-            users = tf.concat([users, query[:, -1]], axis=1)
+            newest = tf.gather(self.item_vectors, items[:, -1])[:, self.dim:-1]  # [batch, t]
+            beta = self.content.beta(tf.gather(self.log_counts, items), real)[:, -1]
+            query = self.content.query(beta, tf.math.l2_normalize(newest, axis=-1),
+                                       real[:, -1])  # [batch, text_dim + 1]
+            users = tf.concat([users, query], axis=1)
         return users, idx
 
 

@@ -14,10 +14,11 @@ import tfenv  # noqa: E402,F401
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """One tiny trained-and-exported model shared by the export and API tests:
-    (run_dir, export_dir, metrics). Version 1 lives at export_dir / "1"."""
+    (run_dir, export_dir, metrics). Version 1 lives at export_dir / "1". The content term is
+    on, so every parity test of the exported models covers it."""
     from support import train_tiny
 
-    return train_tiny(tmp_path_factory.mktemp("tiny"))
+    return train_tiny(tmp_path_factory.mktemp("tiny"), content_term="on")
 
 
 @pytest.fixture(scope="session")

@@ -350,3 +350,21 @@ def test_content_beta_depends_on_what_the_query_knows():
     beta = model.item_tower.content_parts(history)[0].numpy()[:, -1]
     expected = np.log1p(np.exp(0.5 + np.log1p([1.0, 1.0, 3.0]) - np.log1p([1.0, 2.0, 1.0])))
     np.testing.assert_allclose(beta, expected, rtol=1e-5)
+
+
+def test_content_term_auto_only_with_frozen_text_and_never_trained_items():
+    from types import SimpleNamespace
+
+    from training.config import TrainConfig
+    from training.data import content_term
+
+    def data(never_trained, text=True):
+        counts = np.r_[0, np.zeros(never_trained), np.ones(100 - never_trained)]
+        return SimpleNamespace(train_counts=counts, seqs=SimpleNamespace(num_items=100),
+                               features=SimpleNamespace(text=np.ones((101, 4)) if text
+                                                        else None))
+
+    auto, on, off = (TrainConfig(content_term=v) for v in ("auto", "on", "off"))
+    assert content_term(auto, data(1)) and not content_term(auto, data(0))
+    assert content_term(on, data(0)) and not content_term(off, data(5))
+    assert not content_term(on, data(5, text=False))  # no frozen text vectors: nothing to score

@@ -119,6 +119,8 @@ def test_sampled_softmax_and_cold_items(tmp_path):
     assert metrics["retrieval_mode"] == "sampled" and metrics["optimizer"] == "lazy_adam"
     assert metrics["test"]["users"] == metrics["popularity_test"]["users"] == 40
     assert metrics["cold_items"] == 6
+    # 6 of 24 items never trained on: `auto` turns the content term on (sampled softmax path).
+    assert json.loads((tmp_path / "run" / "model_spec.json").read_text())["content_term"]
     assert np.isfinite(metrics["cold_test"]["ndcg@10"])
     assert "cold_popularity_test" in metrics
     # The new-arrivals shelf: the same cold targets ranked among the 6 cold items only, so

@@ -34,8 +34,9 @@ class TrainConfig:
     text_skip: bool = False
     # id and text terms of an item vector weighted by gates of its training count
     frequency_gate: bool = False
-    # score + beta * cosine(text of the newest history item, text of the item), inside the
-    # one dot product (towers/item_tower.py): auto = on whenever item text is frozen vectors
+    # score + beta * g * cosine(text of the newest history item, text of the item) + b, inside
+    # the one dot product (towers/item_tower.py ContentWeight): on needs frozen text vectors;
+    # auto = on when, in addition, the catalog has items never trained on (training/data.py)
     content_term: str = "auto"  # auto | on | off
     content_beta: float = 2.0  # the content term's beta at initialisation (then learned)
     # > 0: every id embedding row clipped to this norm, so a warm item is its text + metadata
