@@ -368,3 +368,13 @@ def test_content_term_auto_only_with_frozen_text_and_never_trained_items():
     assert content_term(auto, data(1)) and not content_term(auto, data(0))
     assert content_term(on, data(0)) and not content_term(off, data(5))
     assert not content_term(on, data(5, text=False))  # no frozen text vectors: nothing to score
+
+
+def test_id_max_norm_bounds_the_id_offset_of_warm_items():
+    tower = ItemTower(num_items=3, dim=4, id_max_norm=0.5)
+    tower.build(None)
+    tower.id_embedding.assign(np.array([[0, 0, 0, 0], [3, 0, 0, 4], [0.1, 0, 0, 0],
+                                        [1, 1, 1, 1]], np.float32))
+    tower.set_item_features(np.array([0, 1, 1, 0], np.float32))  # item 3 never trained
+    norms = np.linalg.norm(tower(tf.constant([1, 2, 3])).numpy(), axis=1)
+    np.testing.assert_allclose(norms, [0.5, 0.1, 0.0], atol=1e-6)  # clipped, kept, cold
