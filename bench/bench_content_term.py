@@ -54,8 +54,7 @@ def main() -> None:
         with tf.GradientTape() as tape:
             if with_content:
                 wide = tf.concat([items, weight[:, None] * item_text, bias[:, None]], axis=1)
-                loss = task(queries, targets, wide,
-                            content=((beta, text), (weight, item_text, bias)))
+                loss = task(queries, targets, wide, content=(beta, text))
             else:
                 loss = task(queries, targets, items)
         return tape.gradient(loss, [queries, items, beta, weight, bias])

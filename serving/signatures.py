@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from serving import contract as c
+from towers.item_tower import split_content
 
 
 class ItemLookup(tf.Module):
@@ -99,12 +100,10 @@ class _Base(tf.Module):
         users = tf.cast(encoded[:, -1], tf.float32)  # [batch, dim]
         if self.content is not None:
             # The content term reads the newest item only (left-padded: the last column).
-            # g_i > 0, so normalising g_i c_i gives back the unit text vector c_i.
             real = items > 0
-            newest = tf.gather(self.item_vectors, items[:, -1])[:, self.dim:-1]  # [batch, t]
+            _, text, _ = split_content(tf.gather(self.item_vectors, items[:, -1]), self.dim)
             beta = self.content.beta(tf.gather(self.log_counts, items), real)[:, -1]
-            query = self.content.query(beta, tf.math.l2_normalize(newest, axis=-1),
-                                       real[:, -1])  # [batch, text_dim + 1]
+            query = self.content.query(beta, text, real[:, -1])  # [batch, text_dim + 1]
             users = tf.concat([users, query], axis=1)
         return users, idx
 

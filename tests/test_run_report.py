@@ -55,6 +55,10 @@ def test_report_is_self_contained_with_slices_and_the_scann_curve(tiny_export):
     version = max(int(p.name) for p in export_dir.iterdir() if p.name.isdigit())
     assert "ScaNN tuning curve" in page and f"Version {version} " in page
     assert "Not exported yet" not in page
+    # The tiny model has the content term: its learned weights are shown, one row per count,
+    # g for 0 (known only by text), 1, 5, 50 and 500 training interactions.
+    content = page[page.index("<h2>Content term</h2>"):page.index("Item embedding atlas")]
+    assert content.count("<tr>") == 1 + 5 and "g (candidate)" in content
     vectors = page[page.index("Item vectors by popularity"):]
     assert "mean norm" in vectors and "<td>head</td>" in vectors
     for name in [REPORT, *FIGURES.values()]:

@@ -266,9 +266,7 @@ def test_content_term_logits_equal_the_wide_dot_product():
     weight = rng.uniform(0.5, 2.0, 6).astype(np.float32)
     bias = np.r_[0.0, 0.0, -1.5, 0.0, -1.5, 0.0].astype(np.float32)
     candidates = tf.constant(np.c_[items, weight[:, None] * item_text, bias], tf.float32)
-    logits = NextItemRetrieval._logits(
-        queries, candidates, ((beta, text), (tf.constant(weight), tf.constant(item_text),
-                                             tf.constant(bias)))).numpy()
+    logits = NextItemRetrieval._logits(queries, candidates, (beta, text)).numpy()
     wide = np.c_[queries.numpy(), beta.numpy()[:, None] * text.numpy(), np.ones(3)]
     np.testing.assert_allclose(logits, wide @ candidates.numpy().T, rtol=1e-5, atol=1e-5)
 
@@ -378,3 +376,30 @@ def test_id_max_norm_bounds_the_id_offset_of_warm_items():
     tower.set_item_features(np.array([0, 1, 1, 0], np.float32))  # item 3 never trained
     norms = np.linalg.norm(tower(tf.constant([1, 2, 3])).numpy(), axis=1)
     np.testing.assert_allclose(norms, [0.5, 0.1, 0.0], atol=1e-6)  # clipped, kept, cold
+
+
+def test_content_term_gradients_reach_beta_g_and_b_as_through_the_wide_product():
+    # The cosine is computed without gradient; beta, g and b must still get exactly the
+    # gradients the wide dot product gives them.
+    rng = np.random.default_rng(2)
+    text = tf.constant(unit_rows(rng.normal(size=(3, 5))))
+    item_text = tf.constant(unit_rows(rng.normal(size=(4, 5))))
+    queries = tf.constant(rng.normal(size=(3, 2)), tf.float32)
+    items = tf.constant(rng.normal(size=(4, 2)), tf.float32)
+    beta, weight = tf.Variable([0.5, 1.0, 2.0]), tf.Variable([0.3, 1.0, 1.5, 2.0])
+    bias = tf.Variable([0.0, -0.7, 0.0, 0.2])
+    upstream = tf.constant(rng.normal(size=(3, 4)), tf.float32)
+
+    def gradients(wide_product: bool):
+        with tf.GradientTape() as tape:
+            candidates = tf.concat([items, weight[:, None] * item_text, bias[:, None]], axis=1)
+            if wide_product:
+                query = tf.concat([queries, beta[:, None] * text, tf.ones([3, 1])], axis=1)
+                logits = tf.matmul(query, candidates, transpose_b=True)
+            else:
+                logits = NextItemRetrieval._logits(queries, candidates, (beta, text))
+            loss = tf.reduce_sum(logits * upstream)
+        return tape.gradient(loss, [beta, weight, bias])
+
+    for got, expected in zip(gradients(False), gradients(True)):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)

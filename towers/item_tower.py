@@ -199,45 +199,27 @@ class ItemTower(tf.keras.layers.Layer):
         vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
         return tf.reshape(vectors, tf.concat([shape, [self.dim]], axis=0))
 
-    def _known_log_count(self, ids: tf.Tensor, drop_seed: tf.Tensor | None) -> tf.Tensor:
-        """log(1 + training count) of item ids (any shape), 0 for an item whose id embedding
-        is dropped this step: id dropout trains what items never seen in training get."""
-        log_count = rows(self.log_count, tf.reshape(ids, [-1]))
+    def has_id(self, ids: tf.Tensor, drop_seed: tf.Tensor | None = None) -> tf.Tensor:
+        """1.0 for each item id [n] whose id embedding is used this step (seen in training and
+        not id-dropped), else 0.0: [n]."""
+        seen = rows(self.seen_in_training, ids)
         if drop_seed is not None:
-            keep = _hash_uniform(tf.reshape(ids, [-1]), drop_seed) >= self.id_dropout
-            log_count *= tf.cast(keep, log_count.dtype)
-        return tf.reshape(log_count, tf.shape(ids))
+            seen *= tf.cast(_hash_uniform(ids, drop_seed) >= self.id_dropout, seen.dtype)
+        return seen
 
     def content_parts(self, history: tf.Tensor, drop_seed: tf.Tensor | None = None
                       ) -> tuple[tf.Tensor, tf.Tensor] | None:
         """The query's content term after each position of left-padded histories [batch, seq]:
         (beta [batch, seq], unit text vector of the item at that position [batch, seq,
-        text_dim]), beta from what the query knows there (ContentWeight). None when off."""
+        text_dim]), beta from what the query knows there (ContentWeight): the item's training
+        count counts as 0 when its id is dropped, as a never-trained item's is. None when off."""
         if not self.content_term:
             return None
         ids = tf.cast(history, tf.int32)
-        text = tf.reshape(self.text_vectors(tf.reshape(ids, [-1])),
-                          tf.concat([tf.shape(ids), [-1]], axis=0))
-        beta = self.content.beta(self._known_log_count(ids, drop_seed), ids > 0)
-        return beta, text
-
-    def content_query(self, history: tf.Tensor, drop_seed: tf.Tensor | None = None
-                      ) -> tf.Tensor | None:
-        """[beta c_u ; 1] after each position [batch, seq, text_dim + 1]: the query's last
-        columns (None: off)."""
-        parts = self.content_parts(history, drop_seed)
-        if parts is None:
-            return None
-        beta, text = parts
-        return self.content.query(beta, text, history > 0)
-
-    def item_content(self, ids: tf.Tensor, drop_seed: tf.Tensor | None = None
-                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """The item side of the content term for item ids [n]: (g [n], unit text [n, text_dim],
-        b [n]); see ContentWeight."""
-        ids = tf.cast(ids, tf.int32)
-        weight, bias = self.content.item_terms(self._known_log_count(ids, drop_seed))
-        return weight, self.text_vectors(ids), bias
+        flat = tf.reshape(ids, [-1])
+        text = tf.reshape(self.text_vectors(flat), tf.concat([tf.shape(ids), [-1]], axis=0))
+        log_count = rows(self.log_count, flat) * self.has_id(flat, drop_seed)
+        return self.content.beta(tf.reshape(log_count, tf.shape(ids)), ids > 0), text
 
     def dropout_seed(self) -> tf.Tensor | None:
         """A fresh seed for one training step's id dropout (None when it is off): every call
@@ -250,10 +232,7 @@ class ItemTower(tf.keras.layers.Layer):
     def call(self, item_idx: tf.Tensor, drop_seed: tf.Tensor | None = None) -> tf.Tensor:
         shape = tf.shape(item_idx)
         ids = tf.reshape(tf.cast(item_idx, tf.int32), [-1])  # [n]
-        seen = rows(self.seen_in_training, ids)[:, None]  # [n, 1]
-        if drop_seed is not None:
-            keep = _hash_uniform(ids, drop_seed) >= self.id_dropout
-            seen *= tf.cast(keep, seen.dtype)[:, None]
+        seen = self.has_id(ids, drop_seed)[:, None]  # [n, 1]
         vectors = rows(self.id_embedding, ids)  # [n, dim]
         if self.id_max_norm:
             vectors = tf.clip_by_norm(vectors, self.id_max_norm, axes=[1])
@@ -271,8 +250,9 @@ class ItemTower(tf.keras.layers.Layer):
         for table, embedding in self.meta_tables.values():
             vectors += rows(embedding, rows(table, ids))
         if self.content_term:  # [n, dim + text_dim + 1]: [v ; g c ; b], c unprojected
-            weight, unit, bias = self.item_content(ids, drop_seed)
-            vectors = tf.concat([vectors, tf.cast(weight[:, None] * unit, vectors.dtype),
+            # An item without its id this step (never trained, or dropped) has count 0.
+            weight, bias = self.content.item_terms(rows(self.log_count, ids) * seen[:, 0])
+            vectors = tf.concat([vectors, tf.cast(weight[:, None] * text, vectors.dtype),
                                  tf.cast(bias[:, None], vectors.dtype)], axis=1)
         vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
         return tf.reshape(vectors, tf.concat([shape, [self.score_dim]], axis=0))
@@ -339,6 +319,15 @@ class ContentWeight(tf.keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "beta_init": self.beta_init}
+
+
+def split_content(vectors: tf.Tensor, dim: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Scored item vectors [..., dim + t + 1] = [v ; g c ; b] -> (g [...], c [..., t], b [...]),
+    in float32. g > 0 and c is a unit vector (zero for an item without text), so g and c are
+    the length and direction of g c; the one reader of the layout `call` writes."""
+    scaled = tf.cast(vectors[..., dim:-1], tf.float32)
+    weight = tf.sqrt(tf.reduce_sum(tf.square(scaled), axis=-1) + 1e-12)  # finite gradient at 0
+    return weight, scaled / weight[..., None], tf.cast(vectors[..., -1], tf.float32)
 
 
 def _softplus_inverse(value: float) -> float:

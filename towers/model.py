@@ -188,9 +188,6 @@ class TwoTowerModel(tfrs.models.Model):
         if content is not None:  # (beta [positions], text [positions, text_dim])
             content = tuple(tf.boolean_mask(part, has_target) for part in content)
         if full:
-            if content is not None:  # every item's (g, unit text, b)
-                content = (content, self.item_tower.item_content(
-                    tf.range(self.item_tower.num_items + 1), seed))
             retrieval_loss = self.retrieval(queries, target_ids, all_items, content=content)
             target_vectors = tf.gather(all_items, target_ids)
         else:
@@ -198,8 +195,6 @@ class TwoTowerModel(tfrs.models.Model):
             # so this replica's gradient reaches their rows too.
             pool, target_index, draws = self.retrieval.candidate_pool(target_ids)
             pool_vectors = self.item_tower(pool, drop_seed=seed)  # [c, score_dim]
-            if content is not None:
-                content = (content, self.item_tower.item_content(pool, seed))
             retrieval_loss = self.retrieval(queries, target_ids, pool_vectors, pool,
                                             target_index, draws, content=content)
             target_vectors = tf.gather(pool_vectors, target_index)

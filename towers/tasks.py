@@ -15,6 +15,8 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from towers.item_tower import split_content
+
 
 def inclusion_probability(candidate_ids: tf.Tensor, popularity: tf.Tensor,
                           num_positives: tf.Tensor, num_sampled: int,
@@ -87,21 +89,19 @@ class NextItemRetrieval(tf.keras.layers.Layer):
     def call(self, queries: tf.Tensor, target_ids: tf.Tensor, candidates: tf.Tensor,
              candidate_ids: tf.Tensor | None = None, target_index: tf.Tensor | None = None,
              draws: tf.Tensor | None = None,
-             content: tuple | None = None) -> tf.Tensor:
+             content: tuple[tf.Tensor, tf.Tensor] | None = None) -> tf.Tensor:
         """Mean loss over positions.
 
         queries [positions, dim]; target_ids [positions]. Full mode: candidates are all items
         [num_items + 1, score_dim] (row 0 padding). Sampled mode: candidates [c, score_dim] for
         `candidate_ids` [c] from `candidate_pool`, `target_index` the label column per position,
-        `draws` the in-batch draws (default: the positions). `content`: the content term
-        (towers/item_tower.py ContentWeight), ((beta [positions], unit text [positions,
-        text_dim]), (g, unit text, b) of each candidate row), scored in `_logits`.
+        `draws` the in-batch draws (default: the positions). `content`: the query side of the
+        content term (towers/item_tower.py ContentWeight), (beta [positions], unit text
+        [positions, text_dim]); the item side is in the candidates' last columns.
         """
         queries = tf.cast(queries, tf.float32)
         if self.mode == "full":
             # Row 0 of `candidates` is padding: score items 1..N only, labels shifted by one.
-            if content is not None:
-                content = (content[0], tuple(part[1:] for part in content[1]))
             logits = self._logits(queries, candidates[1:], content)  # [positions, num_items]
             logits = self._without_unseen(logits, self.popularity[1:])
             losses = tf.nn.sparse_softmax_cross_entropy_with_logits(target_ids - 1, logits)
@@ -117,7 +117,8 @@ class NextItemRetrieval(tf.keras.layers.Layer):
         return tf.reduce_mean(losses)
 
     @staticmethod
-    def _logits(queries: tf.Tensor, candidates: tf.Tensor, content: tuple | None) -> tf.Tensor:
+    def _logits(queries: tf.Tensor, candidates: tf.Tensor,
+                content: tuple[tf.Tensor, tf.Tensor] | None) -> tf.Tensor:
         """queries [p, dim] . candidates [c, dim (+ ...)] -> [p, c], plus with the content term
         beta * g * cosine(c_u, c_i) + b: the same number as the wide dot product
         [u ; beta c_u ; 1] . [v ; g c_i ; b] that serving computes. The text vectors are
@@ -127,9 +128,9 @@ class NextItemRetrieval(tf.keras.layers.Layer):
         logits = tf.matmul(queries, tf.cast(candidates[:, :dim], tf.float32), transpose_b=True)
         if content is None:
             return logits
-        (beta, text), (weight, item_text, bias) = content
-        cosine = tf.stop_gradient(tf.matmul(tf.cast(text, tf.float32),
-                                            tf.cast(item_text, tf.float32),
+        beta, text = content
+        weight, item_text, bias = split_content(candidates, dim)
+        cosine = tf.stop_gradient(tf.matmul(tf.cast(text, tf.float32), item_text,
                                             transpose_b=True))  # [p, c]
         return (logits + tf.cast(beta, tf.float32)[:, None] * cosine * weight[None, :]
                 + bias[None, :])

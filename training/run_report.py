@@ -86,6 +86,7 @@ def write_run_report(run_dir: str | Path, version_dir: Path | None = None) -> Pa
         "and the scores test-split users give them, by the items' training interactions (head, "
         "torso, tail, cold as in the slices).</p>"
         + vector_table(model, spec, vectors, items, histories),
+        content_section(model, spec),
         _section("Item embedding atlas", pngs["atlas"], atlas_note),
         _section("Attention of the newest position", pngs["attention"], attention_note),
         export_section(export, version_dir, pngs["scann"])]
@@ -391,6 +392,35 @@ def metrics_tables(results: dict) -> str:
                          [[name, *(_number(p[k]) for k in ("mean", "p90", "p99"))]
                           for name, p in parts]))
     return out
+
+
+CONTENT_COUNTS = (0, 1, 5, 50, 500)
+CONTENT_LENGTHS = (1, 5, 20, 50)
+
+
+def content_section(model: TwoTowerModel, spec: ModelSpec) -> str:
+    """The learned content-term weights (towers/item_tower.py ContentWeight): g of a candidate
+    and beta of a query by training count (0: known only by text), beta also by history
+    length, and the bias of items known only by text. Empty without the term."""
+    if not spec.content_term:
+        return ""
+    weight = model.item_tower.content
+    log_counts = np.log1p(np.array(CONTENT_COUNTS, np.float32))
+    g, _ = weight.item_terms(tf.constant(log_counts))
+    rows = []
+    for count, x, g_value in zip(CONTENT_COUNTS, log_counts, g.numpy()):
+        betas = [float(weight.beta(tf.fill([1, n], x), tf.ones([1, n], bool))[0, -1])
+                 for n in CONTENT_LENGTHS]
+        rows.append([f"{count:,}", _number(float(g_value), 3),
+                     *(_number(b, 3) for b in betas)])
+    bias = float(weight.item_terms(tf.zeros([1]))[1][0])
+    return ("<h2>Content term</h2><p class='note'>score = u . v + beta * g * cos(text of the "
+            "newest history item, text of the item) + b. g weighs a candidate's text likeness "
+            "by its training interactions (0: known only by text); beta weighs the query's, by "
+            f"its newest item's interactions and the history length. b of items known only by "
+            f"text: {bias:.3f} (0 for the others).</p>"
+            + _table(["training interactions", "g (candidate)",
+                      *(f"beta, history {n}" for n in CONTENT_LENGTHS)], rows))
 
 
 def slices_table(slices: dict) -> str:

@@ -156,23 +156,20 @@ def score_test_split(model: TwoTowerModel, seqs: Sequences, config: TrainConfig,
                 # the baseline here and far below it in the full catalog means the cold
                 # items' scores sit too low (calibration), not that their vectors are bad.
                 results[f"{key}_among_cold"] = evaluate(
-                    among(scorers[name], seqs.cold_items), test,
+                    among(scorers[name], seqs.cold_items, seqs.num_items), test,
                     **{**common, "rows": rows[cold], "sampled_negatives": 0})
-        results["score_calibration"] = score_calibration(scorer, test, rows, seqs.cold_items,
-                                                         config.seed)
+        results["score_calibration"] = score_calibration(
+            scorer, test, rows, seqs.cold_items, seqs.num_items, config.seed)
     return results
 
 
-def among(score_fn, items: np.ndarray):
+def among(score_fn, items: np.ndarray, num_items: int):
     """`score_fn` with every item outside `items` scored -inf (never ranked above a target)."""
-    outside = None
+    outside = np.ones(num_items + 1, bool)
+    outside[items] = False
 
     def scores(batch: np.ndarray) -> np.ndarray:
-        nonlocal outside
         out = np.array(score_fn(batch), np.float32, copy=True)
-        if outside is None:
-            outside = np.ones(out.shape[1], bool)
-            outside[items] = False
         out[:, outside] = -np.inf
         return out
     return scores
@@ -182,29 +179,30 @@ CALIBRATION_USERS = 2000
 
 
 def score_calibration(scorer: UserScorer, test: EvalSet, rows: np.ndarray,
-                      cold_items: np.ndarray, seed: int) -> dict:
+                      cold_items: np.ndarray, num_items: int, seed: int) -> dict:
     """Where cold and warm items' scores sit for the same users (up to CALIBRATION_USERS test
     rows): per user, the top-10 scores among warm items and among cold items (seen items
     excluded), pooled; mean, 90th and 99th percentile of each, and the share of cold items in
     the users' full-catalog top 10."""
-    rng = np.random.default_rng(seed)
-    sample = rng.permutation(rows)[:CALIBRATION_USERS]
+    sample = np.random.default_rng(seed).permutation(rows)[:CALIBRATION_USERS]
+    is_cold = np.zeros(num_items + 1, bool)
+    is_cold[cold_items] = True
+    is_warm = ~is_cold
+    is_warm[0] = False  # padding
     tops: dict[str, list] = {"warm": [], "cold": []}
     cold_in_top = []
     for start in range(0, len(sample), 256):
         batch = sample[start:start + 256]
-        scores = np.array(scorer(batch), np.float32, copy=True)
+        scores = np.array(scorer(batch), np.float32, copy=True)  # [batch, num_items + 1]
         scores[:, 0] = -np.inf
         for row, i in enumerate(batch):
             scores[row, test.seen[i]] = -np.inf
-        is_cold = np.zeros(scores.shape[1], bool)
-        is_cold[cold_items] = True
-        for name, columns in (("warm", ~is_cold), ("cold", is_cold)):
+        for name, columns in (("warm", is_warm), ("cold", is_cold)):
             part = scores[:, columns]
             n = min(10, part.shape[1])
             if n:
-                tops[name].append(-np.sort(-part, axis=1)[:, :n])
-        top10 = np.argsort(-scores, axis=1)[:, :10]
+                tops[name].append(-np.partition(-part, n - 1, axis=1)[:, :n])
+        top10 = np.argpartition(-scores, min(10, num_items) - 1, axis=1)[:, :10]
         cold_in_top.append(is_cold[top10].mean(axis=1))
     out: dict = {"users": int(len(sample))}
     for name, blocks in tops.items():
