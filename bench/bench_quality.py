@@ -82,7 +82,6 @@ CONFIGS.update({
     "sasrec-no-content": ["--user-tower", "sasrec", "--content-term", "off"],
     # Id embeddings bounded: a warm item = its text + metadata vector + an offset of norm <= 0.5.
     "sasrec-id-max-norm": ["--user-tower", "sasrec", "--id-max-norm", "0.5"],
-    "sasrec-id-dropout-0.5-content": ["--user-tower", "sasrec", "--id-dropout", "0.5"],
 })
 DEFAULT_CONFIGS = ["sasrec", "gru", "sasrec-reference"]
 
