@@ -333,8 +333,8 @@ class ServingModel:
 
     def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
         """Nearest items by cosine of the exported item vectors, the item itself excluded; None
-        if the item has no vector. With the content term those are [v ; c] (v the item-tower
-        vector, c the unit text vector), so text likeness counts here as in retrieval."""
+        if the item has no vector. With the content term those are [v ; g c ; b]
+        (towers/item_tower.py), so text likeness counts here as in retrieval."""
         row = self.embedding_row.get(item_id)
         if row is None:
             return None

@@ -82,6 +82,13 @@ AUTO_ID_DROPOUT = 0.3
 COLD_SHARE_FOR_ID_DROPOUT = 0.01
 
 
+def has_never_trained_items(data: TrainingData) -> bool:
+    """Whether at least COLD_SHARE_FOR_ID_DROPOUT of the catalog has no training interaction:
+    where id dropout and the content term turn on by themselves (`auto`)."""
+    never_trained = float((data.train_counts[1:] == 0).mean()) if data.seqs.num_items else 0.0
+    return never_trained >= COLD_SHARE_FOR_ID_DROPOUT
+
+
 def id_dropout(config: TrainConfig, data: TrainingData) -> float:
     """The id-dropout share: as configured, or `auto`. Dropping id embeddings trains the text +
     metadata path to stand alone, which is what items without training interactions get; it
@@ -92,8 +99,7 @@ def id_dropout(config: TrainConfig, data: TrainingData) -> float:
         return 0.0
     if config.id_dropout != "auto":
         return float(config.id_dropout)
-    never_trained = float((data.train_counts[1:] == 0).mean()) if data.seqs.num_items else 0.0
-    return AUTO_ID_DROPOUT if never_trained >= COLD_SHARE_FOR_ID_DROPOUT else 0.0
+    return AUTO_ID_DROPOUT if has_never_trained_items(data) else 0.0
 
 
 def content_term(config: TrainConfig, data: TrainingData) -> bool:
@@ -108,8 +114,7 @@ def content_term(config: TrainConfig, data: TrainingData) -> bool:
         return False
     if config.content_term == "on":
         return True
-    never_trained = float((data.train_counts[1:] == 0).mean()) if data.seqs.num_items else 0.0
-    return never_trained >= COLD_SHARE_FOR_ID_DROPOUT
+    return has_never_trained_items(data)
 
 
 # Dropout of the user tower by data sparsity, as SASRec's authors chose it (0.2 on MovieLens-1M,
