@@ -8,12 +8,15 @@ from __future__ import annotations
 RETRIEVAL_SCANN = "retrieval"  # user tower + ScaNN index (needs scann's ops)
 RETRIEVAL_BRUTEFORCE = "retrieval_bruteforce"  # exact, stock TF ops only
 RANKING = "ranking"
-SAVED_MODELS = (RETRIEVAL_BRUTEFORCE, RANKING, RETRIEVAL_SCANN)
+# New items -> vectors (token ids, category, brand, price in); none for a fine-tuned run
+ITEM_TOWER = "item_tower"
+TOKENIZER = "tokenizer"  # the text encoder's Hugging Face tokenizer files, for item_tower
+SAVED_MODELS = (RETRIEVAL_BRUTEFORCE, RANKING, RETRIEVAL_SCANN, ITEM_TOWER)
 ITEM_EMBEDDINGS = "item_embeddings.parquet"  # item_id, embedding
 ITEMS = "items.parquet"  # item_id, item_idx, text, category, brand, price, count, train_count
 USER_HISTORIES = "user_histories.parquet"  # user_id, history, event_types
 METADATA = "metadata.json"
-STOCK_OP_MODELS = (RETRIEVAL_BRUTEFORCE, RANKING)  # load in stock TF Serving (no ScaNN ops)
+STOCK_OP_MODELS = (RETRIEVAL_BRUTEFORCE, RANKING, ITEM_TOWER)  # load in stock TF Serving (no ScaNN ops)
 
 # ---- TF Serving (saved_model/NAME/tf_serving/ beside the VERSION dirs) ----
 TF_SERVING_DIR = "tf_serving"  # <model>/<VERSION> symlinks + the two configs
@@ -34,6 +37,11 @@ RANKING_SIGNATURES = (SERVING_DEFAULT, WITH_EVENT_TYPES)
 # inputs (tf.string [batch, n]) and outputs
 HISTORY, EVENT_TYPES, CANDIDATES = "history", "event_types", "candidates"
 ITEM_IDS, SCORES, KNOWN = "item_ids", "scores", "known"
+QUERY = "query"  # retrieval: the scored query vectors [batch, score_dim]
+# item tower: inputs and outputs
+INPUT_IDS, ATTENTION_MASK = "input_ids", "attention_mask"
+CATEGORY, BRAND, PRICE = "category", "brand", "price"
+ITEM_VECTORS, CONTENT_VECTORS = "item_vectors", "content_vectors"
 
 # A retrieval slot that could not be filled (more items excluded than the catalog holds)
 # scores this; finite so JSON encoders (TF Serving REST) can print it.

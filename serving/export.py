@@ -33,6 +33,7 @@ from serving.scann_index import ScannIndex, ScannParams, Tuner, exact_top, recal
 from serving.signatures import (
     BruteForceRetrieval,
     ItemLookup,
+    ItemTowerModule,
     Ranker,
     ScannRetrieval,
     add_signatures,
@@ -96,6 +97,54 @@ def _recall_queries(histories: pd.DataFrame, max_len: int) -> np.ndarray:
     return np.array([[""] * (width - len(r)) + r for r in rows], dtype=object)
 
 
+ITEM_TOWER_TOLERANCE = 1e-3  # largest |difference| of unit text vectors the encoder may show
+
+
+def item_tower_module(model: TwoTowerModel, spec, settings: dict, items: pd.DataFrame
+                      ) -> tuple[ItemTowerModule | None, object, str]:
+    """The item tower for new items, the tokenizer it needs (None without text) and, when
+    there is no item tower, why. The frozen encoder is loaded as training loaded it and must
+    reproduce the checkpoint's text vectors of the catalog (another encoder would place new
+    items in another space); where it cannot, the export goes on without an item tower."""
+    from training.features import metadata_vocabularies
+
+    if spec.text_tokens:
+        return None, None, ("a fine-tuned text encoder is not kept in the run directory; "
+                            "new items need a frozen-text run")
+    tower = model.item_tower
+    vocabularies = metadata_vocabularies(items, spec.meta_sizes, settings.get("price_buckets",
+                                                                             10))
+    for name in ("category", "brand"):
+        if name in vocabularies and len(vocabularies[name]) != spec.meta_sizes[name]:
+            raise ValueError(f"items.parquet has {len(vocabularies[name])} {name} values, the "
+                             f"model {spec.meta_sizes[name]}")
+    if not tower.text_dim:
+        return ItemTowerModule(tower, vocabularies), None, ""
+    from towers.text_encoder import encode_texts, load_text_encoder
+
+    try:
+        encoder = load_text_encoder(settings["text_model"],
+                                    allow_fallback=bool(settings.get("text_fallback")))
+    except (OSError, ValueError) as error:
+        return None, None, f"the run's text encoder cannot be loaded here: {error}"
+    if encoder.display_name != spec.text_source:
+        return None, None, (f"the run's text encoder was {spec.text_source}, export loaded "
+                            f"{encoder.display_name}")
+    module = ItemTowerModule(tower, vocabularies, encoder.model, spec.text_pooling)
+    sample = np.arange(min(len(items), 32))
+    texts = items["text"].fillna("").astype(str).to_numpy()[sample].tolist()
+    fresh = encode_texts(encoder, texts, settings.get("text_max_length", 64), spec.text_pooling,
+                         progress=False)
+    fresh /= np.maximum(np.linalg.norm(fresh, axis=1, keepdims=True), 1e-12)
+    trained = tower.text_vectors(tf.constant(sample + 1, tf.int32)).numpy()
+    gap = float(np.abs(fresh - trained).max()) if len(sample) else 0.0
+    if gap > ITEM_TOWER_TOLERANCE:
+        return None, None, (f"the text encoder loaded at export ({encoder.display_name}) does "
+                            f"not reproduce the run's text vectors (max difference {gap:.2g}): "
+                            "its files changed since training")
+    return module, encoder.tokenizer, ""
+
+
 def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
     """Export the run's best checkpoint as a new VERSION; returns the version directory."""
     started = time.time()
@@ -155,6 +204,10 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
              params.num_leaves, params.leaves_to_search, params.reorder, build_seconds,
              time.time() - started_index - build_seconds)
     ranker = Ranker(ranking_head=model.ranking_head, **base)
+    item_tower, tokenizer, no_item_tower = item_tower_module(model, spec, settings, items)
+    if item_tower is None:
+        log.warning("no item_tower in this export (%s): the API cannot place new items with "
+                    "it", no_item_tower)
 
     export_dir.mkdir(parents=True, exist_ok=True)
     version = next_version(export_dir)
@@ -171,6 +224,11 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
             tf.saved_model.save(module, str(tmp / name), signatures=signatures,
                                 options=options)
             write_warmup_requests(tmp / name, name, signatures, ids[:3].tolist(), warmup_event)
+        if item_tower is not None:
+            tf.saved_model.save(item_tower, str(tmp / c.ITEM_TOWER),
+                                signatures=item_tower.signatures())
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / c.TOKENIZER))
         pd.DataFrame({"item_id": ids, "embedding": list(item_vectors[1:])}).to_parquet(
             tmp / c.ITEM_EMBEDDINGS, index=False)
         shutil.copyfile(run_dir / run_files.ITEMS, tmp / c.ITEMS)
@@ -187,6 +245,12 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
                              if metrics_file.exists() else None),
             "k": k, "max_seq_len": spec.max_seq_len, "embedding_dim": int(item_vectors.shape[1]),
             "event_types": spec.event_vocab,
+            "item_tower": ({"text_max_length": settings.get("text_max_length", 64),
+                            "tokenizer": c.TOKENIZER if tokenizer is not None else None,
+                            "metadata": sorted(item_tower.tables) + (
+                                ["price"] if item_tower.price_edges is not None else [])}
+                           if item_tower is not None else None),
+            "item_tower_missing": no_item_tower or None,
             "default_event_type": spec.event_type_of_requests,
             "scann": {**params.__dict__, "max_fetch": max_fetch,
                       "recall@10_vs_bruteforce": recall, "recall_users": int(len(queries)),

@@ -135,7 +135,8 @@ class BruteForceRetrieval(_Base):
             mask = mask | seen
         scores = tf.where(mask, tf.constant(c.UNFILLED_SCORE, scores.dtype), scores)
         best, idx = tf.math.top_k(scores, k=tf.minimum(self.k, num - 1))
-        return {c.ITEM_IDS: tf.gather(self.lookup.item_ids, idx), c.SCORES: best}
+        return {c.ITEM_IDS: tf.gather(self.lookup.item_ids, idx), c.SCORES: best,
+                c.QUERY: users}
 
 
 class ScannRetrieval(_Base):
@@ -159,7 +160,8 @@ class ScannRetrieval(_Base):
                   else _exclude(scores, ids, tf.zeros_like(history_idx)))
         best, order = tf.math.top_k(scores, k=tf.minimum(self.k, tf.shape(scores)[1]))
         idx = tf.gather(ids, order, batch_dims=1)
-        return {c.ITEM_IDS: tf.gather(self.lookup.item_ids, idx), c.SCORES: best}
+        return {c.ITEM_IDS: tf.gather(self.lookup.item_ids, idx), c.SCORES: best,
+                c.QUERY: users}
 
 
 class Ranker(_Base):
@@ -206,3 +208,60 @@ def add_signatures(module: tf.Module, kind: str) -> dict:
             c.retrieval_signature(True, True): module.serve_events,
             c.retrieval_signature(False, False): module.serve_all,
             c.retrieval_signature(False, True): module.serve_all_events}
+
+
+class ItemTowerModule(tf.Module):
+    """New items -> their scored vectors: the item tower's path for an item without an id
+    embedding (ItemTower.compose with no id and a training count of 0), the frozen text
+    encoder included. Token ids in (the version's `tokenizer/` makes them), so stock TF
+    Serving loads it: no tokenizer op in the graph."""
+
+    def __init__(self, item_tower: tf.keras.layers.Layer, vocabularies: dict[str, list],
+                 encoder: tf.keras.Model | None = None, pooling: str = "mean"):
+        super().__init__()
+        self.item_tower, self.encoder, self.pooling = item_tower, encoder, pooling
+        self.tables = {}
+        for name in ("category", "brand"):
+            if name in vocabularies:
+                words = vocabularies[name] or ["\0"]  # a table needs one key
+                self.tables[name] = tf.lookup.StaticHashTable(
+                    tf.lookup.KeyValueTensorInitializer(
+                        tf.constant(words), tf.range(1, len(words) + 1, dtype=tf.int32)), 0)
+        edges = vocabularies.get("price_bucket")
+        self.price_edges = None if edges is None else tf.constant(edges, tf.float64)
+
+    def text_vectors(self, input_ids: tf.Tensor, attention_mask: tf.Tensor) -> tf.Tensor:
+        """Unit text vectors [batch, text_dim], as training's frozen table holds them."""
+        from towers.text_encoder import pool_hidden_states
+
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              training=False).last_hidden_state
+        pooled = tf.cast(pool_hidden_states(hidden, attention_mask, self.pooling), tf.float32)
+        norms = tf.norm(pooled, axis=1, keepdims=True)
+        return pooled / tf.maximum(norms, 1e-12)
+
+    def embed(self, input_ids, attention_mask, category, brand, price):
+        tower = self.item_tower
+        batch = tf.shape(category)[0]
+        meta = {name: table.lookup(category if name == "category" else brand)
+                for name, table in self.tables.items()}
+        if self.price_edges is not None:
+            value = tf.cast(price, tf.float64)
+            bucket = tf.searchsorted(self.price_edges, value, side="right") + 1
+            meta["price_bucket"] = tf.where(tf.math.is_finite(value), tf.cast(bucket, tf.int32),
+                                            0)
+        text = (self.text_vectors(input_ids, attention_mask) if tower.text_dim
+                else tf.zeros([batch, 0], tf.float32))
+        log_count = tf.zeros([batch], tf.float32)
+        vectors = tower.compose(tf.zeros([batch, tower.dim], tower.compute_dtype),
+                                text if tower.text_dim else None, meta, log_count)
+        return {c.ITEM_VECTORS: tf.cast(vectors, tf.float32), c.CONTENT_VECTORS: text}
+
+    def signatures(self) -> dict:
+        specs = [tf.TensorSpec([None, None], tf.int32, name=c.INPUT_IDS),
+                 tf.TensorSpec([None, None], tf.int32, name=c.ATTENTION_MASK),
+                 tf.TensorSpec([None], tf.string, name=c.CATEGORY),
+                 tf.TensorSpec([None], tf.string, name=c.BRAND),
+                 tf.TensorSpec([None], tf.float32, name=c.PRICE)]
+        self.serve = tf.function(self.embed, input_signature=specs)
+        return {c.SERVING_DEFAULT: self.serve}

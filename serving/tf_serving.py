@@ -46,18 +46,21 @@ def write_tf_serving_config(export_dir: Path, version: int) -> None:
     and `models_scann.config` (all models)."""
     root = export_dir / c.TF_SERVING_DIR
     for name in c.SAVED_MODELS:
+        if not (export_dir / str(version) / name).is_dir():
+            continue  # item_tower: not in a fine-tuned run's export
         (root / name).mkdir(parents=True, exist_ok=True)
         link = root / name / str(version)
         if not link.exists():
             link.symlink_to(Path("..") / ".." / str(version) / name)
+    served = [name for name in c.SAVED_MODELS if (root / name).is_dir()]
     _write_atomically(
         root / c.TF_SERVING_CONFIG,
         "# Stock tensorflow_model_server: models with stock TF ops only (no ScaNN).\n"
-        + _model_server_config(export_dir, c.STOCK_OP_MODELS))
+        + _model_server_config(export_dir, [n for n in c.STOCK_OP_MODELS if n in served]))
     _write_atomically(
         root / c.TF_SERVING_SCANN_CONFIG,
         "# A tensorflow_model_server built with ScaNN's TF ops linked in: every model.\n"
-        + _model_server_config(export_dir, c.SAVED_MODELS))
+        + _model_server_config(export_dir, served))
 
 
 def warmup_inputs(input_names: Sequence[str], item_ids: Sequence[str],

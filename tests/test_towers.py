@@ -219,8 +219,8 @@ def test_frequency_gate_weighs_id_and_text_by_training_count():
     np.testing.assert_allclose(gated(ids), plain(ids), atol=1e-6)
     # Id gate rising with the count, text gate falling with it.
     gated.gate_weights.assign([[1.0, -1.0], [-1.0, 0.5]])
-    id_gate, text_gate = (g.numpy()[:, 0] for g in gated.gates(ids, warm[:, None]))
     log_count = np.log1p(counts)
+    id_gate, text_gate = (g.numpy()[:, 0] for g in gated.gates(log_count * warm))
     np.testing.assert_allclose(id_gate, 2 / (1 + np.exp(-(log_count - 1.0))), rtol=1e-5)
     np.testing.assert_allclose(text_gate, 2 / (1 + np.exp(-(0.5 - log_count))), rtol=1e-5)
     ids_part = (plain.id_embedding.numpy() * warm[:, None])
@@ -229,7 +229,7 @@ def test_frequency_gate_weighs_id_and_text_by_training_count():
     expected[0] = 0
     np.testing.assert_allclose(gated(ids), expected, atol=1e-5)
     # An item whose id is dropped this step gets the gates of a never-trained one.
-    dropped = gated.gates(ids, np.zeros((4, 1), np.float32))
+    dropped = gated.gates(np.zeros(4, np.float32))
     np.testing.assert_allclose(dropped[1].numpy()[:, 0], text_gate[1], rtol=1e-6)
     with pytest.raises(ValueError, match="training counts"):
         ItemTower(num_items=3, dim=4, frequency_gate=True).set_item_features(warm)

@@ -174,12 +174,12 @@ class ItemTower(tf.keras.layers.Layer):
         gate = tf.nn.softmax(tf.matmul(text, tf.cast(self.expert_gate, dtype)))  # [n, e]
         return tf.einsum("nek,ne->nk", experts, gate)
 
-    def gates(self, ids: tf.Tensor, has_id: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Weights of the id and the text term for item ids [n] -> two [n, 1]:
-        2 * sigmoid(slope * log(1 + training count) + offset), each in (0, 2). An item without
-        its id embedding (`has_id` [n, 1] 0: never trained, or dropped this step) counts as 0,
-        so id dropout trains the gate that cold items get."""
-        x = rows(self.log_count, ids)[:, None] * tf.cast(has_id, tf.float32)  # [n, 1]
+    def gates(self, log_count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Weights of the id and the text term from items' log(1 + training count) [n], 0 for
+        an item without its id embedding (never trained, or dropped this step; so id dropout
+        trains the gate that cold items get) -> two [n, 1]: 2 * sigmoid(slope * x + offset),
+        each in (0, 2)."""
+        x = tf.cast(log_count, tf.float32)[:, None]  # [n, 1]
         w = self.gate_weights
         gate = 2.0 * tf.sigmoid(x * w[:, 0][None, :] + w[:, 1][None, :])  # [n, 2]
         return gate[:, :1], gate[:, 1:]
@@ -236,26 +236,42 @@ class ItemTower(tf.keras.layers.Layer):
         vectors = rows(self.id_embedding, ids)  # [n, dim]
         if self.id_max_norm:
             vectors = tf.clip_by_norm(vectors, self.id_max_norm, axes=[1])
-        vectors *= seen
+        text = self.text_vectors(ids) if self.text_dim else None
+        meta = {name: rows(table, ids) for name, (table, _) in self.meta_tables.items()}
+        # An item without its id this step (never trained, or dropped) has count 0.
+        log_count = (rows(self.log_count, ids) * seen[:, 0]
+                     if self.frequency_gate or self.content_term else None)
+        vectors = self.compose(vectors * seen, text, meta, log_count)
+        vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
+        return tf.reshape(vectors, tf.concat([shape, [self.score_dim]], axis=0))
+
+    def compose(self, id_vectors: tf.Tensor, text: tf.Tensor | None,
+                meta: dict[str, tf.Tensor], log_count: tf.Tensor | None) -> tf.Tensor:
+        """An item's scored vector from its parts, [n, score_dim]: the id embedding rows
+        [n, dim] (zeros for an item without one), unit text vectors [n, text_dim] (None
+        without text), metadata codes {name: [n]} and log(1 + training count) [n] (0 without
+        an id; None when neither the gate nor the content term reads it). Training and the
+        exported item tower (serving/signatures.py ItemTowerModule, which places items the
+        model never saw) both come here, so a new item gets the computation a never-trained
+        catalog item got."""
+        vectors = id_vectors
         text_gate = None
         if self.frequency_gate:
-            id_gate, text_gate = self.gates(ids, seen)
+            id_gate, text_gate = self.gates(log_count)
             vectors *= tf.cast(id_gate, vectors.dtype)
         if self.text_dim:
-            text = tf.cast(self.text_vectors(ids), self.compute_dtype)
+            text = tf.cast(text, self.compute_dtype)
             projected = tf.cast(self.project_text(text), vectors.dtype)
             if text_gate is not None:
                 projected *= tf.cast(text_gate, vectors.dtype)
             vectors += projected
-        for table, embedding in self.meta_tables.values():
-            vectors += rows(embedding, rows(table, ids))
+        for name, (_, embedding) in self.meta_tables.items():
+            vectors += rows(embedding, meta[name])
         if self.content_term:  # [n, dim + text_dim + 1]: [v ; g c ; b], c unprojected
-            # An item without its id this step (never trained, or dropped) has count 0.
-            weight, bias = self.content.item_terms(rows(self.log_count, ids) * seen[:, 0])
+            weight, bias = self.content.item_terms(log_count)
             vectors = tf.concat([vectors, tf.cast(weight[:, None] * text, vectors.dtype),
                                  tf.cast(bias[:, None], vectors.dtype)], axis=1)
-        vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
-        return tf.reshape(vectors, tf.concat([shape, [self.score_dim]], axis=0))
+        return vectors
 
     def get_config(self):
         return {**super().get_config(), "num_items": self.num_items, "dim": self.dim,
