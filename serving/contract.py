@@ -16,7 +16,8 @@ ITEM_EMBEDDINGS = "item_embeddings.parquet"  # item_id, embedding
 ITEMS = "items.parquet"  # item_id, item_idx, text, category, brand, price, count, train_count
 USER_HISTORIES = "user_histories.parquet"  # user_id, history, event_types
 METADATA = "metadata.json"
-STOCK_OP_MODELS = (RETRIEVAL_BRUTEFORCE, RANKING, ITEM_TOWER)  # load in stock TF Serving (no ScaNN ops)
+# load in stock TF Serving (no ScaNN ops)
+STOCK_OP_MODELS = (RETRIEVAL_BRUTEFORCE, RANKING, ITEM_TOWER)
 
 # ---- TF Serving (saved_model/NAME/tf_serving/ beside the VERSION dirs) ----
 TF_SERVING_DIR = "tf_serving"  # <model>/<VERSION> symlinks + the two configs
@@ -38,6 +39,8 @@ RANKING_SIGNATURES = (SERVING_DEFAULT, WITH_EVENT_TYPES)
 HISTORY, EVENT_TYPES, CANDIDATES = "history", "event_types", "candidates"
 ITEM_IDS, SCORES, KNOWN = "item_ids", "scores", "known"
 QUERY = "query"  # retrieval: the scored query vectors [batch, score_dim]
+# retrieval's `search` signature: query vectors and a count in, the index's top `fetch` out
+SEARCH, FETCH = "search", "fetch"
 # item tower: inputs and outputs
 INPUT_IDS, ATTENTION_MASK = "input_ids", "attention_mask"
 CATEGORY, BRAND, PRICE = "category", "brand", "price"

@@ -129,13 +129,81 @@ class ServingModel:
     # these need the per-request filtering a posted history gets.
     unclean_histories: frozenset[str]
     embedding_ids: np.ndarray  # [items] str
-    unit_embeddings: np.ndarray  # [items, dim] float32, L2-normalised
+    item_matrix: np.ndarray  # [items, dim] float32: the scored item vectors, as exported
+    inv_norms: np.ndarray  # [items] float32: 1 / |item vector| (cosines for similar items)
     embedding_row: dict[str, int]
     retrieval: dict[str, Callable]
     ranking: dict[str, Callable]
     saved_models: tuple  # the loaded roots, held so their variables live as long as signatures
     counts: dict[str, float] = field(default_factory=dict)  # item_id -> training interactions
     batcher: Batcher | None = None  # the store's; None: each call runs on the caller's thread
+    # per embedding row: category and brand codes (0 = none) and their vocabularies
+    category_codes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    brand_codes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    categories: list[str] = field(default_factory=lambda: [""])  # code -> name
+    brands: list[str] = field(default_factory=lambda: [""])
+    view: object = None  # serving/live.py VersionView, attached by the store after loading
+    live: object = None  # serving/live.py LiveRetrieval over that view
+    live_state: object = None  # serving/live.py LiveState: live items' records, users' events
+
+    @functools.cached_property
+    def row_counts(self) -> np.ndarray:
+        """Training interactions per embedding row."""
+        return np.array([self.counts.get(i, 0.0) for i in self.embedding_ids.tolist()])
+
+    def category_of(self, row: int) -> str:
+        return self.categories[self.category_codes[row]]
+
+    def brand_of(self, row: int) -> str:
+        return self.brands[self.brand_codes[row]]
+
+    def filter_mask(self, flt) -> np.ndarray:
+        """Exported rows an ItemFilter lets through: bool [items]."""
+        mask = np.ones(len(self.embedding_ids), bool)
+        for codes, names, include, exclude in (
+                (self.category_codes, self.categories, flt.include_categories,
+                 flt.exclude_categories),
+                (self.brand_codes, self.brands, flt.include_brands, flt.exclude_brands)):
+            lookup = {name: code for code, name in enumerate(names)}
+            if include:
+                mask &= np.isin(codes, [lookup[n] for n in include if n in lookup])
+            if exclude:
+                mask &= ~np.isin(codes, [lookup[n] for n in exclude if n in lookup])
+        if flt.include_items:
+            keep = np.zeros_like(mask)
+            keep[[self.embedding_row[i] for i in flt.include_items
+                  if i in self.embedding_row]] = True
+            mask &= keep
+        if flt.exclude_items:
+            mask[[self.embedding_row[i] for i in flt.exclude_items
+                  if i in self.embedding_row]] = False
+        return mask
+
+    @property
+    def max_fetch(self) -> int:
+        """Most exported items one `search` call returns."""
+        scann = self.metadata.get("scann") or {}
+        if self.index == "scann" and scann.get("max_fetch"):
+            return int(scann["max_fetch"])
+        return len(self.embedding_ids)
+
+    @property
+    def index_search(self) -> Callable | None:
+        """query vector [dim] -> the exported index's top `fetch` (item_id, score), nothing
+        excluded; None for an export without the `search` signature."""
+        signature = self.retrieval.get(c.SEARCH)
+        if signature is None:
+            return None
+
+        def run(query: np.ndarray, fetch: int) -> list[tuple[str, float]]:
+            try:
+                out = signature(query=tf.constant(query[None], tf.float32),
+                                fetch=tf.constant(int(fetch), tf.int32))
+            except (tf.errors.OpError, ValueError, TypeError) as error:
+                raise ModelError(f"model version {self.version} failed: search: "
+                                 f"{str(error).splitlines()[0][:300]}") from error
+            return self.found_items({name: value.numpy()[0] for name, value in out.items()})
+        return run
 
     @property
     def k(self) -> int:
@@ -150,7 +218,7 @@ class ServingModel:
             metadata = json.loads((path / c.METADATA).read_text())
             if not isinstance(metadata, dict) or not isinstance(metadata.get("k"), int):
                 raise VersionLoadError("metadata.json has no integer 'k'")
-            items = pd.read_parquet(path / c.ITEMS, columns=["item_id", "text", "count"])
+            items = pd.read_parquet(path / c.ITEMS)
             vectors = pd.read_parquet(path / c.ITEM_EMBEDDINGS)
             users = pd.read_parquet(path / c.USER_HISTORIES)
             retrieval_dir = c.RETRIEVAL_SCANN if index == "scann" else c.RETRIEVAL_BRUTEFORCE
@@ -176,6 +244,14 @@ class ServingModel:
         matrix = np.stack(vectors["embedding"].to_numpy()).astype(np.float32)  # [items, dim]
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
         embedding_ids = vectors["item_id"].astype(str).to_numpy()
+        meta = items.set_index(items["item_id"].astype(str)).reindex(embedding_ids)
+        codes = {}
+        for column in ("category", "brand"):
+            values = (meta[column] if column in meta else pd.Series("", index=meta.index))
+            values = values.fillna("").astype(str)
+            names = [""] + sorted(v for v in values.unique() if v)
+            codes[column] = (pd.Categorical(values, categories=names).codes.astype(np.int32),
+                             names)
         titles = dict(zip(ids.tolist(), texts.tolist(), strict=True))
         histories = {str(u): ([str(x) for x in h], [str(x) for x in e])
                      for u, h, e in zip(users["user_id"], users["history"],
@@ -186,7 +262,10 @@ class ServingModel:
             histories=histories,
             unclean_histories=frozenset(u for u, (h, _) in histories.items()
                                         if not all(x in titles for x in h)),
-            embedding_ids=embedding_ids, unit_embeddings=matrix / np.maximum(norms, 1e-12),
+            embedding_ids=embedding_ids, item_matrix=matrix,
+            inv_norms=(1.0 / np.maximum(norms[:, 0], 1e-12)).astype(np.float32),
+            category_codes=codes["category"][0], categories=codes["category"][1],
+            brand_codes=codes["brand"][0], brands=codes["brand"][1],
             embedding_row={item: row for row, item in enumerate(embedding_ids.tolist())},
             retrieval=retrieval, ranking=ranking, saved_models=saved_models, batcher=batcher,
             counts=dict(zip(ids.tolist(), counts.tolist(), strict=True)))
@@ -257,6 +336,12 @@ class ServingModel:
         return [history[i] for i in keep], kinds, unknown
 
     @staticmethod
+    def query_of(out: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The query vector retrieval scored with (None from an export without it)."""
+        query = out.get(c.QUERY)
+        return None if query is None else np.asarray(query, np.float32)
+
+    @staticmethod
     def found_items(out: dict[str, np.ndarray]) -> list[tuple[str, float]]:
         """A retrieval output row as (item_id, score) pairs, unfilled slots dropped."""
         pairs = zip(out[c.ITEM_IDS], out[c.SCORES], strict=True)
@@ -270,10 +355,10 @@ class ServingModel:
         return self.found_items(out), event_types is not None
 
     async def retrieve_async(self, history: list[str], event_types: list[str] | None,
-                             exclude_seen: bool) -> tuple[list[tuple[str, float]], bool]:
-        """retrieve() for the event loop: waiting holds no thread."""
+                             exclude_seen: bool):
+        """retrieve() for the event loop (waiting holds no thread), plus the query vector."""
         out = await asyncio.wrap_future(self._retrieve_call(history, event_types, exclude_seen))
-        return self.found_items(out), event_types is not None
+        return self.found_items(out), event_types is not None, self.query_of(out)
 
     def _rank_call(self, history: list[str], event_types: list[str] | None,
                    candidates: list[str]) -> Future:
@@ -331,21 +416,41 @@ class ServingModel:
             out.append(user)
         return out
 
-    def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
-        """Nearest items by cosine of the exported item vectors, the item itself excluded; None
-        if the item has no vector. With the content term those are [v ; g c ; b]
+    def similar(self, item_id: str, k: int, flt=None) -> list[tuple[str, float]] | None:
+        """Nearest items by cosine of the scored item vectors (exported and live), the item
+        itself, withdrawn items and those `flt` refuses excluded; None if the item has no
+        vector here (unknown or withdrawn). With the content term those are [v ; g c ; b]
         (towers/item_tower.py), so text likeness counts here as in retrieval."""
+        snap = self.view.snapshot if self.view is not None else None
+        live_row = snap.row.get(item_id) if snap is not None else None
         row = self.embedding_row.get(item_id)
-        if row is None:
+        if live_row is not None:
+            query = snap.unit[live_row]
+        elif row is None or (snap is not None and snap.blocked[row]):
             return None
-        sims = self.unit_embeddings @ self.unit_embeddings[row]  # [items]
-        sims[row] = -np.inf
-        n = min(k, len(sims) - 1)
-        if n <= 0:
-            return []
-        top = np.argpartition(-sims, n - 1)[:n]
-        top = top[np.argsort(-sims[top], kind="stable")]
-        return [(str(self.embedding_ids[i]), float(sims[i])) for i in top]
+        else:
+            query = self.item_matrix[row] * self.inv_norms[row]
+        sims = (self.item_matrix @ query) * self.inv_norms  # [items]
+        if row is not None:
+            sims[row] = -np.inf
+        if snap is not None and snap.active:
+            sims[snap.blocked] = -np.inf
+        if flt:
+            sims[~self.filter_mask(flt)] = -np.inf
+        n = min(k, int(np.isfinite(sims).sum()))
+        found = []
+        if n > 0:
+            top = np.argpartition(-sims, n - 1)[:n]
+            top = top[np.argsort(-sims[top], kind="stable")]
+            found = [(str(self.embedding_ids[i]), float(sims[i])) for i in top]
+        if snap is not None and snap.n:
+            rows = [r for r in range(snap.n) if snap.alive[r] and snap.ids[r] != item_id and (
+                not flt or flt.passes(snap.ids[r], snap.categories[r], snap.brands[r]))]
+            if rows:
+                fresh = snap.unit[rows] @ query
+                found += [(snap.ids[r], float(score)) for r, score in zip(rows, fresh)]
+                found = sorted(found, key=lambda pair: -pair[1])[:k]
+        return found
 
 
 def _settle_memory() -> None:
@@ -378,8 +483,11 @@ class ModelStore:
 
     def __init__(self, model_dir: Path, index: str = "scann", poll_seconds: float = 10.0,
                  policy: VersionPolicy = VersionPolicy(), metrics=None,
-                 extra: tuple[int, ...] = ()):
+                 extra: tuple[int, ...] = (), live=None):
         import_index_ops(index)
+        from serving.live import LiveState
+
+        self.live = live if live is not None else LiveState(None)
         self.model_dir, self.index, self.poll_seconds = Path(model_dir), index, poll_seconds
         self.policy, self.metrics, self.extra = policy, metrics, tuple(sorted(set(extra)))
         self._current: ServingModel | None = None
@@ -458,6 +566,7 @@ class ModelStore:
         started = time.time()
         try:
             model = ServingModel.load(path, version, self.index, self._batcher)
+            self._attach_live(model)
         except Exception as error:  # any broken file: refuse it, keep serving
             reason = f"{type(error).__name__}: {error}"[:500]
             self._failed[version] = (stamp, reason)
@@ -468,6 +577,14 @@ class ModelStore:
             return None
         self._count_load("loaded", started)
         return model
+
+    def _attach_live(self, model: ServingModel) -> None:
+        """The live items and withdrawals, placed by this version's own item tower."""
+        from serving.live import LiveRetrieval
+
+        model.live_state = self.live
+        model.view = self.live.attach(model)
+        model.live = LiveRetrieval(model, model.view)
 
     def _select(self, present: dict[int, Path]) -> dict[int, ServingModel]:
         """Load what the policy and the split want; the versions to keep loaded."""

@@ -43,10 +43,28 @@ class _WithHistory(BaseModel):
         return value
 
 
+FILTER_MAX = 10_000  # entries in one filter list
+
+
+class Filter(BaseModel):
+    """Which items may come back; an empty or missing list imposes nothing. Applied inside
+    retrieval: `k` results come back whenever that many items pass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_categories: list[ItemId] = Field(default=[], max_length=FILTER_MAX)
+    exclude_categories: list[ItemId] = Field(default=[], max_length=FILTER_MAX)
+    include_brands: list[ItemId] = Field(default=[], max_length=FILTER_MAX)
+    exclude_brands: list[ItemId] = Field(default=[], max_length=FILTER_MAX)
+    include_items: list[ItemId] = Field(default=[], max_length=FILTER_MAX)
+    exclude_items: list[ItemId] = Field(default=[], max_length=FILTER_MAX)
+
+
 class RecommendRequest(_WithHistory):
     """An anonymous or live session: recommendations from a raw history."""
 
     k: K = 10
+    filter: Filter | None = None
     exclude_seen: StrictBool = Field(default=True,
                                      description="leave out items in the history")
     rerank: StrictBool = Field(default=False,
@@ -176,3 +194,84 @@ class UsersResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+# ---- the live service: items and events written while serving ----
+TEXT_MAX_CHARS = 10_000
+BULK_MAX = 10_000
+EVENTS_MAX = 10_000
+
+
+class ItemIn(BaseModel):
+    """A new or changed item: its text and metadata (placed by each version's item tower)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=TEXT_MAX_CHARS,
+                      description="the item's text (title, description), as in items.parquet")
+    category: ItemId = ""
+    brand: ItemId = ""
+    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+class BulkItem(ItemIn):
+    item_id: Annotated[str, Field(min_length=1, max_length=ID_MAX_CHARS)]
+
+
+class BulkItemsRequest(BaseModel):
+    """Items to put and to withdraw, in one transaction: all applied or none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    put: list[BulkItem] = Field(default=[], max_length=BULK_MAX)
+    delete: list[Annotated[str, Field(min_length=1, max_length=ID_MAX_CHARS)]] = Field(
+        default=[], max_length=BULK_MAX)
+
+
+class ItemsWritten(BaseModel):
+    put: list[str]
+    deleted: list[str]
+    placed_by: list[int] = Field(description="loaded versions whose item tower placed the "
+                                             "items put (others cannot recommend them)")
+    not_placed: dict[str, str] = Field(default={}, description="version -> why not")
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Annotated[str, Field(min_length=1, max_length=ID_MAX_CHARS)]
+    item_id: Annotated[str, Field(min_length=1, max_length=ID_MAX_CHARS)]
+    event_type: Annotated[str, Field(min_length=1, max_length=64)] = "purchase"
+    timestamp: float | None = Field(default=None, ge=0, allow_inf_nan=False,
+                                    description="seconds since 1970 (default: now)")
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[EventIn] = Field(min_length=1, max_length=EVENTS_MAX)
+
+
+class EventsWritten(BaseModel):
+    events: int
+
+
+class LiveItemOut(BaseModel):
+    item_id: str
+    title: str
+    category: str
+    brand: str
+    price: float | None
+    status: str = Field(description="new | changed | withdrawn")
+
+
+class LiveResponse(BaseModel):
+    database: str | None = Field(description="the database, password hidden; null: none")
+    schema_version: int | None
+    error: str | None = Field(description="the last error reading the database, if any")
+    live_items: int
+    withdrawn: int
+    events: int
+    not_placed: dict[str, str] = Field(description="loaded version -> why it cannot place "
+                                                   "new items")
+    recent: list[LiveItemOut] = Field(description="items put or withdrawn, newest first")

@@ -139,6 +139,13 @@ class BruteForceRetrieval(_Base):
                 c.QUERY: users}
 
 
+    def search(self, query, fetch):
+        """query vectors [batch, score_dim] -> exact top `fetch` items, nothing excluded."""
+        scores = tf.matmul(query, self.item_vectors[1:], transpose_b=True)
+        best, idx = tf.math.top_k(scores, k=tf.minimum(fetch, tf.shape(scores)[1]))
+        return {c.ITEM_IDS: tf.gather(self.lookup.item_ids, idx + 1), c.SCORES: best}
+
+
 class ScannRetrieval(_Base):
     """Approximate top-k from a ScaNN index over the item vectors (needs `import scann`)."""
 
@@ -162,6 +169,13 @@ class ScannRetrieval(_Base):
         idx = tf.gather(ids, order, batch_dims=1)
         return {c.ITEM_IDS: tf.gather(self.lookup.item_ids, idx), c.SCORES: best,
                 c.QUERY: users}
+
+
+    def search(self, query, fetch):
+        """query vectors [batch, score_dim] -> the index's top `fetch` (at most max_fetch)."""
+        scores, ids = self.index(query, k=tf.minimum(fetch, self.max_fetch))
+        return {c.ITEM_IDS: tf.gather(self.lookup.item_ids, tf.cast(ids, tf.int32)),
+                c.SCORES: tf.cast(scores, tf.float32)}
 
 
 class Ranker(_Base):
@@ -204,7 +218,11 @@ def add_signatures(module: tf.Module, kind: str) -> dict:
     module.serve_all_events = tf.function(
         lambda history, event_types: module.top_k(history, event_types, False),
         input_signature=[history, events])
-    return {c.retrieval_signature(True, False): module.serve,
+    module.serve_search = tf.function(module.search, input_signature=[
+        tf.TensorSpec([None, module.item_vectors.shape[1]], tf.float32, name=c.QUERY),
+        tf.TensorSpec([], tf.int32, name=c.FETCH)])
+    return {c.SEARCH: module.serve_search,
+            c.retrieval_signature(True, False): module.serve,
             c.retrieval_signature(True, True): module.serve_events,
             c.retrieval_signature(False, False): module.serve_all,
             c.retrieval_signature(False, True): module.serve_all_events}

@@ -86,11 +86,18 @@ def write_warmup_requests(model_dir: Path, model_name: str, signatures: Mapping[
     path.parent.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(path)) as writer:
         for signature, function in signatures.items():
-            names = [spec.name for spec in function.input_signature]
+            specs = function.input_signature
+            names = [spec.name for spec in specs if spec.dtype == tf.string]
             request = predict_pb2.PredictRequest(
                 model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature))
             for name, value in warmup_inputs(names, item_ids, event_type).items():
                 request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string))
+            for spec in specs:  # numeric inputs (retrieval's `search`): zeros, fetch 10
+                if spec.dtype != tf.string:
+                    shape = [1 if d is None else d for d in spec.shape.as_list()]
+                    value = np.full(shape, 10 if spec.name == c.FETCH else 0,
+                                    spec.dtype.as_numpy_dtype)
+                    request.inputs[spec.name].CopyFrom(tf.make_tensor_proto(value))
             log = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
