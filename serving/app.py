@@ -221,7 +221,8 @@ async def recommend(model: ServingModel, metrics: ServingMetrics, user_id: str |
             unknown_items=unknown))
     found, events_used, query = await model.retrieve_async(known, kinds, exclude_seen)
     if flt or (snap is not None and snap.active) or len(known) < len(history):
-        found = await asyncio.to_thread(model.live.finish, found, query, k, flt, seen)
+        found = await asyncio.to_thread(model.live.finish, found, query, min(k, model.k), flt,
+                                        seen)
     if rerank and found:
         ranked, _ = await model.rank_async(known, kinds, [item for item, _ in found])
         fresh = [pair for pair in found if pair[0] not in model.embedding_row or (

@@ -154,3 +154,55 @@ def uvicorn_server(model_dir: Path, log_path: Path, ready: str = "/ready", **env
                 process.kill()
                 process.wait()
         log.close()
+
+
+def postgres_bin() -> Path | None:
+    """Debian's PostgreSQL server binaries (initdb, pg_ctl), newest version, or None."""
+    import glob
+    import shutil
+
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                  key=lambda p: int(Path(p).parent.parent.name))
+    return Path(dirs[-1]).parent if dirs else None
+
+
+@contextlib.contextmanager
+def postgres_server():
+    """A throwaway PostgreSQL on 127.0.0.1 in a temporary directory (as the `postgres` user
+    when the tests run as root: the server refuses root); yields its URL, stops and removes
+    it on the way out."""
+    import shutil
+    import tempfile
+
+    bin_dir = postgres_bin()
+    assert bin_dir is not None
+    home = Path(tempfile.mkdtemp(prefix="towerrec-pg-", dir="/tmp"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        user = pwd.getpwnam("postgres")
+        os.chown(home, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    data, log = home / "data", home / "server.log"
+
+    def run(*args: str) -> None:
+        result = subprocess.run(prefix + list(args), capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+
+    try:
+        run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "towerrec",
+            "--no-sync", "-E", "UTF8")
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
+            f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        yield f"postgresql://towerrec@127.0.0.1:{port}/postgres"
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run(prefix + [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                                     "-w", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(home, ignore_errors=True)
