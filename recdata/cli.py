@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--movies", type=Path, help="movielens: movies.dat or movies.csv (optional)")
     g.add_argument("--input", type=Path, help="online-retail / events: the data file")
     g.add_argument("--items", type=Path, help="events: item table, CSV or Parquet (optional)")
+    g.add_argument(
+        "--live-db",
+        metavar="URL",
+        help="add the events POSTed to the API and the items PUT there (sqlite:///PATH or "
+        "postgresql://...; any source; --source events needs no --input then)",
+    )
 
     e = p.add_argument_group("events: column mapping")
     e.add_argument("--user-col", help="user id column (default user_id)")
@@ -194,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     required, optional = _INPUTS[args.source]
+    if args.source == "events" and args.live_db and args.input is None:
+        required = ()  # the database alone
     for name in required:
         if getattr(args, name) is None:
             p.error(f"--source {args.source} needs --{name.replace('_', '-')}")
@@ -254,7 +262,7 @@ def _event_columns(args: argparse.Namespace) -> readers.EventColumns:
     )
 
 
-def read_source(args: argparse.Namespace) -> tuple[RawData, dict]:
+def read_source(args: argparse.Namespace) -> tuple[RawData | None, dict]:
     """Run the reader of args.source; also return the reader settings for the manifest."""
     skip = args.skip_bad_lines
     if args.source == "amazon":
@@ -265,6 +273,8 @@ def read_source(args: argparse.Namespace) -> tuple[RawData, dict]:
         return readers.read_online_retail(args.input, skip_bad_lines=skip), {}
     if args.source == "sample":
         return readers.read_sample(skip_bad_lines=skip), {}
+    if args.source == "events" and args.input is None:  # --live-db alone
+        return None, {}
     if args.source == "events":
         columns = _event_columns(args)
         raw = readers.read_events(args.input, args.items, columns=columns, skip_bad_lines=skip)
@@ -299,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         start = time.perf_counter()
         raw, reader_options = read_source(args)
+        if args.live_db:
+            from recdata.live import with_live
+
+            raw, live_notes = with_live(raw, args.live_db)
+            reader_options = reader_options | live_notes
         log.info("read %d rows in %.1fs", raw.rows_read, time.perf_counter() - start)
         result = build_processed(raw, options)
         log.info("processed in %.1fs", time.perf_counter() - start)

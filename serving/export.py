@@ -251,6 +251,9 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
                                 ["price"] if item_tower.price_edges is not None else [])}
                            if item_tower is not None else None),
             "item_tower_missing": no_item_tower or None,
+            # the live events the training data held (prepare_data.py --live-db): the API
+            # adds only later ones to the exported histories
+            "events_through": int(manifest.get("options", {}).get("events_through") or 0),
             "default_event_type": spec.event_type_of_requests,
             "scann": {**params.__dict__, "max_fetch": max_fetch,
                       "recall@10_vs_bruteforce": recall, "recall_users": int(len(queries)),

@@ -289,3 +289,36 @@ def test_bad_items_are_refused_naming_the_field(root):
         assert bad_delete.status_code == 422
         assert client.get("/items/N2/similar").status_code == 404  # nothing was written
         assert client.get("/live").json()["live_items"] == 0
+
+
+def test_prepare_data_reads_the_live_database(tmp_path):
+    """What the API recorded becomes training data: events alone, or added to a source, with
+    the items put (text and metadata) in the catalog and the last event recorded."""
+    import json
+
+    from recdata.cli import main
+
+    url = f"sqlite:///{tmp_path}/live.db"
+    db = Database(url)
+    db.change_items([("NEW1", "a blue glass lamp", "lamps", "acme", 12.5),
+                     ("NEW2", "gone soon", "", "", None)], [])
+    db.change_items([], ["NEW2"])
+    rows = [(f"user{u}", item, "purchase", 1_700_000_000 + 60 * t)
+            for u in range(5) for t, item in enumerate(["NEW1", "A", "B", "C"])]
+    db.add_events(rows)
+    assert main(["--source", "events", "--live-db", url, "--out", str(tmp_path / "alone")]) == 0
+    items = pd.read_parquet(tmp_path / "alone" / "items.parquet")
+    events = pd.read_parquet(tmp_path / "alone" / "events.parquet")
+    assert len(events) == len(rows) and set(items["item_id"]) == {"NEW1", "A", "B", "C"}
+    new = items.set_index("item_id").loc["NEW1"]
+    assert (new["text"], new["category"], new["brand"], new["price"]) == (
+        "a blue glass lamp", "lamps", "acme", 12.5)
+    manifest = json.loads((tmp_path / "alone" / "manifest.json").read_text())
+    assert manifest["options"]["events_through"] == len(rows)
+    assert manifest["options"]["live_items"] == 1  # NEW2 was withdrawn
+    assert main(["--source", "sample", "--live-db", url, "--out", str(tmp_path / "both")]) == 0
+    both = pd.read_parquet(tmp_path / "both" / "items.parquet")
+    assert "NEW1" in set(both["item_id"]) and len(both) > 100
+    assert main(["--source", "events", "--live-db", f"sqlite:///{tmp_path}/empty.db", "--out",
+                 str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()
