@@ -126,6 +126,45 @@ def test_page_shows_what_the_api_answers(browser, server, tmp_path):
     assert "unknown user_id 'nobody-here'" in browser.find_element(By.ID, "error").text
 
 
+def test_page_shows_new_and_withdrawn_items(browser, server):
+    """Items put and withdrawn while serving: listed with their status, the new one found by
+    the search box and marked "new" in a list, its similar items a click away."""
+    from selenium.webdriver.common.by import By
+
+    api = httpx.Client(base_url=server, timeout=30)
+    put = api.put("/items/PAGE-NEW", json={"text": "green lamp item 9", "category": "cat1"})
+    assert put.status_code == 200, put.text
+    assert api.delete("/items/SKU0011").status_code == 200
+    browser.get(server + "/")
+    wait_for(browser, lambda d: len(texts(d, "#live-changes li")) == 2)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#live-changes li")
+    assert [(r.get_attribute("data-item-id"), r.get_attribute("class")) for r in rows] == [
+        ("SKU0011", "withdrawn"), ("PAGE-NEW", "new")]
+    assert "green lamp item 9" in rows[1].text and "new" in rows[1].text
+    search = browser.find_element(By.ID, "search-input")
+    search.send_keys("PAGE-NEW")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#search-results button"))
+    assert texts(browser, "#search-results li .title") == ["green lamp item 9"]
+    browser.find_element(By.CSS_SELECTOR, "#live-changes li.new .title").click()
+    wait_for(browser, lambda d: len(texts(d, "#similar li")) == 10)
+    similar = api.get("/items/PAGE-NEW/similar").json()["similar"]
+    assert [e.get_attribute("data-item-id") for e in browser.find_elements(
+        By.CSS_SELECTOR, "#similar li")] == [r["item_id"] for r in similar]
+    assert "SKU0011" not in [r["item_id"] for r in similar]
+    # In a session list, the new item carries its badge.
+    field = browser.find_element(By.ID, "session-ids")
+    field.send_keys("SKU0001,SKU0002\n")
+    wait_for(browser, lambda d: len(texts(d, "#session-recs li")) == 10)
+    session = api.post("/recommendations", json={"history": ["SKU0001", "SKU0002"]}).json()
+    shown = [e.get_attribute("data-item-id") for e in browser.find_elements(
+        By.CSS_SELECTOR, "#session-recs li")]
+    assert shown == [r["item_id"] for r in session["recommendations"]]
+    assert "SKU0011" not in shown
+    badges = [e.get_attribute("data-item-id") for e in browser.find_elements(
+        By.CSS_SELECTOR, "#session-recs li") if e.find_elements(By.CSS_SELECTOR, ".badge.new")]
+    assert badges == [i for i in shown if i == "PAGE-NEW"]
+
+
 def test_page_says_when_the_server_has_no_model(browser, tmp_path):
     from selenium.webdriver.common.by import By
 

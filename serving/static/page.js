@@ -37,12 +37,23 @@ function itemLabel(item) {
   return span;
 }
 
+// Items put since the export (GET /live), marked wherever they are listed.
+let liveItems = new Map();
+
+function badge(status) {
+  const span = document.createElement("span");
+  span.className = `badge ${status}`;
+  span.textContent = status;
+  return span;
+}
+
 function fillList(list, items, extra) {
   list.replaceChildren();
   for (const item of items) {
     const li = document.createElement("li");
     li.dataset.itemId = item.item_id;
     li.append(itemLabel(item));
+    if (liveItems.has(item.item_id)) li.append(badge(liveItems.get(item.item_id)));
     const meta = document.createElement("span");
     meta.className = "meta";
     meta.textContent = extra(item);
@@ -58,6 +69,35 @@ function markOverlap(a, b) {
   const inB = new Set([...b.children].map((li) => li.dataset.itemId));
   for (const li of a.children) li.classList.toggle("overlap", inB.has(li.dataset.itemId));
   for (const li of b.children) li.classList.toggle("overlap", inA.has(li.dataset.itemId));
+}
+
+async function loadLive() {
+  const live = await api("/live");
+  liveItems = new Map(live.recent.filter((c) => c.status !== "withdrawn").map((c) => [c.item_id, c.status]));
+  $("live-summary").textContent = live.database
+    ? `${live.live_items} put, ${live.withdrawn} withdrawn, ${live.events} events${live.error ? " · database error: " + live.error : ""}`
+    : "(no database: read-only catalog)";
+  const list = $("live-changes");
+  list.replaceChildren();
+  for (const change of live.recent) {
+    const li = document.createElement("li");
+    li.dataset.itemId = change.item_id;
+    li.className = change.status;
+    if (change.status === "withdrawn") {
+      const span = document.createElement("span");
+      span.className = "title";
+      span.textContent = change.title || change.item_id;
+      li.append(span);
+    } else {
+      li.append(itemLabel({item_id: change.item_id, title: change.title}));
+    }
+    li.append(badge(change.status));
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    meta.textContent = [change.item_id, change.category, change.brand].filter(Boolean).join(" · ");
+    li.append(meta);
+    list.append(li);
+  }
 }
 
 async function loadStatus() {
@@ -164,3 +204,5 @@ loadStatus().catch((e) => {
   $("status").textContent = "not ready";
   showError(`server not ready: ${e.message}`);
 });
+loadLive().catch(() => {});
+setInterval(() => loadLive().catch(() => {}), 3000);
