@@ -31,6 +31,7 @@ LUA = """
 local users = {%(users)s}
 local i = 0
 local k = "%(k)d"
+local extra = "%(extra)s"
 
 setup = function(thread)
   thread:set("offset", math.random(#users))
@@ -39,7 +40,7 @@ end
 request = function()
   i = i + 1
   local user = users[((offset or 0) + i) %% #users + 1]
-  return wrk.format("GET", "/recommendations/" .. user .. "?k=" .. k)
+  return wrk.format("GET", "/recommendations/" .. user .. "?k=" .. k .. extra)
 end
 
 done = function(summary, latency, requests)
@@ -69,8 +70,9 @@ def user_ids(model_dir: Path, limit: int) -> list[str]:
     return [str(u) for u in table.column("user_id").to_pylist()[:limit]]
 
 
-def start_server(model_dir: Path, index: str, port: int, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "MODEL_DIR": str(model_dir), "INDEX": index}
+def start_server(model_dir: Path, index: str, port: int, log_path: Path,
+                 **env: str) -> subprocess.Popen:
+    env = {**os.environ, "MODEL_DIR": str(model_dir), "INDEX": index, **env}
     log = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port),
@@ -173,7 +175,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "users.lua"
-        script.write_text(LUA % {"users": ",".join(json.dumps(u) for u in users), "k": args.k})
+        script.write_text(LUA % {"users": ",".join(json.dumps(u) for u in users), "k": args.k,
+                                 "extra": ""})
         for index in args.index:
             port = free_port()
             started = time.time()

@@ -138,7 +138,8 @@ def main() -> int:
 
     script = work / "users.lua"
     users = user_ids(models, 20000)
-    script.write_text(LUA % {"users": ",".join(json.dumps(u) for u in users), "k": 10})
+    script.write_text(LUA % {"users": ",".join(json.dumps(u) for u in users), "k": 10,
+                             "extra": ""})
     port = free_port()
     started = time.time()
     server = start_server(models, "scann", port, work / "serve.log")

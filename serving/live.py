@@ -130,18 +130,35 @@ class Snapshot:
     vectors: np.ndarray  # [>= n, dim] fresh items' scored vectors
     unit: np.ndarray  # [>= n, dim] the same, unit length (similar items)
     alive: np.ndarray  # [n] bool: the row is the item's current put
-    ids: tuple[str, ...]  # [n]
-    categories: tuple[str, ...]
-    brands: tuple[str, ...]
+    ids: np.ndarray  # [n] object: item ids
+    categories: np.ndarray  # [n] object
+    brands: np.ndarray  # [n] object
     row: dict[str, int] = field(default_factory=dict)  # live item id -> its alive row
+    blocked_count: int = 0
+
+    @classmethod
+    def empty(cls, exported: int, dim: int) -> Snapshot:
+        none = np.zeros(0, object)
+        return cls(np.zeros(exported, bool), 0, np.zeros((0, dim), np.float32),
+                   np.zeros((0, dim), np.float32), np.zeros(0, bool), none, none, none)
 
     @property
     def active(self) -> bool:
-        return self.n > 0 or bool(self.blocked_count)
+        return self.n > 0 or self.blocked_count > 0
 
-    @property
-    def blocked_count(self) -> int:
-        return int(self.blocked.sum()) if len(self.blocked) else 0
+    def fresh_mask(self, flt: ItemFilter) -> np.ndarray:
+        """Live rows that are current and pass the filter: bool [n]."""
+        mask = self.alive.copy()
+        if flt:
+            for values, include, exclude in (
+                    (self.ids, flt.include_items, flt.exclude_items),
+                    (self.categories, flt.include_categories, flt.exclude_categories),
+                    (self.brands, flt.include_brands, flt.exclude_brands)):
+                if include:
+                    mask &= np.isin(values, list(include))
+                if exclude:
+                    mask &= ~np.isin(values, list(exclude))
+        return mask
 
 
 class VersionView:
@@ -150,9 +167,7 @@ class VersionView:
     def __init__(self, model, embedder: ItemEmbedder | None, dim: int):
         self.model_ref = weakref.ref(model)
         self.embedder, self.dim = embedder, dim
-        exported = len(model.embedding_ids)
-        self.snapshot = Snapshot(np.zeros(exported, bool), 0, np.zeros((0, dim), np.float32),
-                                 np.zeros((0, dim), np.float32), np.zeros(0, bool), (), (), ())
+        self.snapshot = Snapshot.empty(len(model.embedding_ids), dim)
         self.failed = ""  # why new items cannot be embedded here, if so
 
     def apply(self, puts: list[LiveItem], withdrawn: list[str], restored: list[str]) -> None:
@@ -201,8 +216,9 @@ class VersionView:
             exported = model.embedding_row.get(item)
             if exported is not None and item not in row:
                 blocked[exported] = False
-        self.snapshot = Snapshot(blocked, n, vectors, unit, alive, tuple(ids),
-                                 tuple(categories), tuple(brands), row)
+        self.snapshot = Snapshot(blocked, n, vectors, unit, alive, np.array(ids, object),
+                                 np.array(categories, object), np.array(brands, object), row,
+                                 int(blocked.sum()))
 
 
 def _grown(buffer: np.ndarray, n: int, capacity: int, dim: int) -> np.ndarray:
@@ -373,14 +389,17 @@ class LiveRetrieval:
 
     def fresh(self, snap: Snapshot, query: np.ndarray, flt: ItemFilter, seen: set[str], k: int
               ) -> list[tuple[str, float]]:
+        """The k best live items, scored exactly (one product over the live vectors)."""
         if snap.n == 0:
             return []
-        rows = [r for r in range(snap.n) if snap.alive[r] and snap.ids[r] not in seen and (
-            not flt or flt.passes(snap.ids[r], snap.categories[r], snap.brands[r]))]
-        if not rows:
-            return []
-        scores = snap.vectors[rows] @ query
-        return _top([snap.ids[r] for r in rows], scores, k)
+        scores = snap.vectors[:snap.n] @ query
+        scores[~snap.fresh_mask(flt)] = -np.inf
+        want = min(k + len(seen), snap.n)
+        top = np.argpartition(-scores, want - 1)[:want] if want < snap.n else np.arange(snap.n)
+        top = top[np.argsort(-scores[top], kind="stable")]
+        out = [(str(snap.ids[r]), float(scores[r])) for r in top
+               if np.isfinite(scores[r]) and snap.ids[r] not in seen]
+        return out[:k]
 
     def exact(self, allowed: np.ndarray, query: np.ndarray, k: int) -> list[tuple[str, float]]:
         rows = np.flatnonzero(allowed)

@@ -444,12 +444,14 @@ class ServingModel:
             top = top[np.argsort(-sims[top], kind="stable")]
             found = [(str(self.embedding_ids[i]), float(sims[i])) for i in top]
         if snap is not None and snap.n:
-            rows = [r for r in range(snap.n) if snap.alive[r] and snap.ids[r] != item_id and (
-                not flt or flt.passes(snap.ids[r], snap.categories[r], snap.brands[r]))]
-            if rows:
-                fresh = snap.unit[rows] @ query
-                found += [(snap.ids[r], float(score)) for r, score in zip(rows, fresh)]
-                found = sorted(found, key=lambda pair: -pair[1])[:k]
+            fresh = snap.unit[:snap.n] @ query
+            fresh[~snap.fresh_mask(flt)] = -np.inf
+            if live_row is not None:
+                fresh[live_row] = -np.inf
+            n = min(k, snap.n)
+            top = np.argpartition(-fresh, n - 1)[:n] if n < snap.n else np.arange(snap.n)
+            found += [(str(snap.ids[r]), float(fresh[r])) for r in top if np.isfinite(fresh[r])]
+            found = sorted(found, key=lambda pair: -pair[1])[:k]
         return found
 
 

@@ -218,8 +218,7 @@ def test_filters_keep_k_full_with_wider_search_and_exact_fallback(monkeypatch):
 
     model = FakeModel()
     view = type("View", (), {})()
-    view.snapshot = Snapshot(np.zeros(2000, bool), 0, np.zeros((0, 8), np.float32),
-                             np.zeros((0, 8), np.float32), np.zeros(0, bool), (), (), ())
+    view.snapshot = Snapshot.empty(2000, 8)
     retrieval = LiveRetrieval(model, view)
     query = np.random.default_rng(1).normal(size=8).astype(np.float32)
     first = model.index_search(query, model.k)
