@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.contract import HISTORY_MAX
 from serving.database import Database, DatabaseError, default_url, describe
-from serving.live import ItemFilter, LiveState
+from serving.live import LIVE_PREFETCH, ItemFilter, LiveState
 from serving.metrics import RequestMetricsMiddleware, ServingMetrics
 from serving.model_store import INDEXES, ModelError, ModelStore, ServingModel, VersionPolicy
 from serving.schemas import (
@@ -219,10 +219,12 @@ async def recommend(model: ServingModel, metrics: ServingMetrics, user_id: str |
             user_id=user_id, model_version=model.version, fallback=True,
             recommendations=_scored(model, _popular(model, k, flt, seen)),
             unknown_items=unknown))
-    found, events_used, query = await model.retrieve_async(known, kinds, exclude_seen)
+    found, events_used, query, out = await model.retrieve_async(known, kinds, exclude_seen)
     if flt or (snap is not None and snap.active) or len(known) < len(history):
-        found = await asyncio.to_thread(model.live.finish, found, query, min(k, model.k), flt,
-                                        seen)
+        args = (found, query, min(k, model.k), flt, seen, out.get(LIVE_PREFETCH))
+        # A filter may search the index again or score many items: off the event loop.
+        found = (await asyncio.to_thread(model.live.finish, *args) if flt
+                 else model.live.finish(*args))
     if rerank and found:
         ranked, _ = await model.rank_async(known, kinds, [item for item, _ in found])
         fresh = [pair for pair in found if pair[0] not in model.embedding_row or (

@@ -36,9 +36,13 @@ class _Call:
     signature: Callable
     inputs: dict[str, list[str]]
     future: Future = field(default_factory=Future)
+    # Run on the batch's answers before they are handed out (one call for the whole batch:
+    # the live items are scored for every query of the batch in one product).
+    post: Callable[[list[dict]], None] | None = None
 
     def batches_with(self, other: _Call) -> bool:
-        return other.signature is self.signature and other.inputs.keys() == self.inputs.keys()
+        return (other.signature is self.signature and other.inputs.keys() == self.inputs.keys()
+                and other.post == self.post)
 
 
 def run_batch(signature: Callable, rows: list[dict[str, list[str]]]) -> list[dict[str, np.ndarray]]:
@@ -73,8 +77,9 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="model-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, signature: Callable, inputs: dict[str, list[str]]) -> Future:
-        call = _Call(signature, inputs)
+    def submit(self, signature: Callable, inputs: dict[str, list[str]],
+               post: Callable[[list[dict]], None] | None = None) -> Future:
+        call = _Call(signature, inputs, post=post)
         self._queue.put(call)
         return call.future
 
@@ -108,6 +113,8 @@ class Batcher:
     def _execute(batch: list[_Call]) -> None:
         try:
             answers = run_batch(batch[0].signature, [call.inputs for call in batch])
+            if batch[0].post is not None:
+                batch[0].post(answers)
         except BaseException as error:  # handed to every waiting request
             for call in batch:
                 call.future.set_exception(error)

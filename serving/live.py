@@ -39,6 +39,8 @@ POLL_SECONDS = 0.2  # how often other processes' writes are read from the databa
 EXACT_MAX = 20_000  # allowed exported items scored exactly instead of searched wider
 EMBED_BATCH = 64
 RECENT = 50  # item changes GET /live lists
+PREFETCH = 128  # live items scored per query in the batch, best first
+LIVE_PREFETCH = "_live"  # the key of those in a retrieval answer
 
 
 @dataclass(frozen=True)
@@ -387,14 +389,45 @@ class LiveRetrieval:
                 allowed[row] = False
         return allowed
 
-    def fresh(self, snap: Snapshot, query: np.ndarray, flt: ItemFilter, seen: set[str], k: int
-              ) -> list[tuple[str, float]]:
-        """The k best live items, scored exactly (one product over the live vectors)."""
+    def prefetch(self, answers: list[dict]) -> None:
+        """The batcher's hook: the best PREFETCH live items for every query of a batch, scored
+        in one product [batch, live] (no filter; seen items still in)."""
+        snap = self.view.snapshot
+        if snap.n == 0 or not answers or c.QUERY not in answers[0]:
+            return
+        try:
+            self._prefetch(snap, answers)
+        except Exception:  # noqa: BLE001  (finish() scores them itself then)
+            log.exception("scoring live items for a batch failed")
+
+    @staticmethod
+    def _prefetch(snap: Snapshot, answers: list[dict]) -> None:
+        queries = np.stack([answer[c.QUERY] for answer in answers]).astype(np.float32)
+        scores = queries @ snap.vectors[:snap.n].T  # [batch, n]
+        scores[:, ~snap.alive] = -np.inf
+        m = min(PREFETCH, snap.n)
+        top = (np.argpartition(-scores, m - 1, axis=1)[:, :m] if m < snap.n
+               else np.broadcast_to(np.arange(snap.n), scores.shape))
+        best = np.take_along_axis(scores, top, axis=1)
+        for answer, rows, values in zip(answers, top, best):
+            answer[LIVE_PREFETCH] = (snap, rows, values)
+
+    def fresh(self, snap: Snapshot, query: np.ndarray, flt: ItemFilter, seen: set[str], k: int,
+              prefetched=None) -> list[tuple[str, float]]:
+        """The k best live items, scored exactly: from the batch's prefetch when it holds them
+        (same state, no filter), else one product over the live vectors."""
         if snap.n == 0:
             return []
+        if prefetched is not None and prefetched[0] is snap and not flt:
+            _, rows, values = prefetched
+            out = sorted(((str(snap.ids[r]), float(v)) for r, v in zip(rows, values)
+                          if np.isfinite(v) and snap.ids[r] not in seen),
+                         key=lambda pair: -pair[1])
+            if len(out) >= k or len(rows) == snap.n:
+                return out[:k]
         scores = snap.vectors[:snap.n] @ query
         scores[~snap.fresh_mask(flt)] = -np.inf
-        want = min(k + len(seen), snap.n)
+        want = min(k + sum(item in snap.row for item in seen), snap.n)
         top = np.argpartition(-scores, want - 1)[:want] if want < snap.n else np.arange(snap.n)
         top = top[np.argsort(-scores[top], kind="stable")]
         out = [(str(snap.ids[r]), float(scores[r])) for r in top
@@ -409,7 +442,7 @@ class LiveRetrieval:
         return _top(self.model.embedding_ids[rows], scores, k)
 
     def finish(self, found: list[tuple[str, float]], query: np.ndarray | None, k: int,
-               flt: ItemFilter, seen: set[str]) -> list[tuple[str, float]]:
+               flt: ItemFilter, seen: set[str], prefetched=None) -> list[tuple[str, float]]:
         """k best of the exported answer `found` (the signature's top metadata-k, seen export
         items already out when asked) and the fresh items."""
         snap = self.view.snapshot
@@ -418,7 +451,7 @@ class LiveRetrieval:
         truncated = len(found) >= self.model.k  # more exported items may lie beyond
         if len(exported) < k and truncated and query is not None:
             exported = self.wider(snap, query, k, flt, seen, ok)
-        fresh = self.fresh(snap, query, flt, seen, k) if query is not None else []
+        fresh = self.fresh(snap, query, flt, seen, k, prefetched) if query is not None else []
         merged = sorted(exported + fresh, key=lambda pair: -pair[1])
         return merged[:k]
 

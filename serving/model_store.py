@@ -289,15 +289,19 @@ class ServingModel:
             raise VersionLoadError(f"warm-up failed: {error}") from error
         self.similar(first, 1)
 
-    def _call(self, signature: Callable, **inputs: list[str]) -> Future:
-        """Run a signature for one request (through the batcher when there is one); the Future
-        gives {output: row} or raises ModelError."""
+    def _call(self, signature: Callable, post: Callable | None = None,
+              **inputs: list[str]) -> Future:
+        """Run a signature for one request (through the batcher when there is one; `post` runs
+        on the batch's answers); the Future gives {output: row} or raises ModelError."""
         if self.batcher is not None:
-            raw = self.batcher.submit(signature, inputs)
+            raw = self.batcher.submit(signature, inputs, post)
         else:
             raw = Future()
             try:
-                raw.set_result(run_batch(signature, [inputs])[0])
+                answers = run_batch(signature, [inputs])
+                if post is not None:
+                    post(answers)
+                raw.set_result(answers[0])
             except BaseException as error:
                 raw.set_exception(error)
         done: Future = Future()
@@ -322,9 +326,10 @@ class ServingModel:
                        exclude_seen: bool) -> Future:
         used = event_types is not None
         signature = self.retrieval[c.retrieval_signature(exclude_seen, used)]
+        post = self.live.prefetch if self.live is not None else None
         if used:
-            return self._call(signature, history=history, event_types=event_types)
-        return self._call(signature, history=history)
+            return self._call(signature, post, history=history, event_types=event_types)
+        return self._call(signature, post, history=history)
 
     def known_history(self, history: list[str], event_types: list[str] | None):
         """(catalog items of the history, their event types, unknown ids once each). Unknown
@@ -358,7 +363,7 @@ class ServingModel:
                              exclude_seen: bool):
         """retrieve() for the event loop (waiting holds no thread), plus the query vector."""
         out = await asyncio.wrap_future(self._retrieve_call(history, event_types, exclude_seen))
-        return self.found_items(out), event_types is not None, self.query_of(out)
+        return self.found_items(out), event_types is not None, self.query_of(out), out
 
     def _rank_call(self, history: list[str], event_types: list[str] | None,
                    candidates: list[str]) -> Future:
