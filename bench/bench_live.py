@@ -202,6 +202,8 @@ def load(args, url: str, model_dir: Path, version: Path, items: pd.DataFrame,
         read(f"category filter {args.category} ({share:.2%} of the catalog), {have} live items",
              f"&include_categories={args.category}")
     out["reads"] = rows
+    if args.reads_only:
+        return out
     history = [str(x) for x in pd.read_parquet(
         version / "user_histories.parquet")["history"].iloc[0][-5:]]
     b_port = free_port()
@@ -233,6 +235,8 @@ def main() -> None:
     parser.add_argument("--puts", type=int, default=100, help="items timed for freshness")
     parser.add_argument("--cold-parity", action="store_true")
     parser.add_argument("--skip-load", action="store_true", help="only --cold-parity")
+    parser.add_argument("--reads-only", action="store_true",
+                        help="no freshness and no writes under load")
     args = parser.parse_args()
     if not shutil.which("wrk") and not args.skip_load:
         raise SystemExit("wrk not found (Debian: apt-get install wrk)")

@@ -225,8 +225,9 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
                                 options=options)
             write_warmup_requests(tmp / name, name, signatures, ids[:3].tolist(), warmup_event)
         if item_tower is not None:
-            tf.saved_model.save(item_tower, str(tmp / c.ITEM_TOWER),
-                                signatures=item_tower.signatures())
+            signatures = item_tower.signatures()
+            tf.saved_model.save(item_tower, str(tmp / c.ITEM_TOWER), signatures=signatures)
+            write_warmup_requests(tmp / c.ITEM_TOWER, c.ITEM_TOWER, signatures, [], None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / c.TOKENIZER))
         pd.DataFrame({"item_id": ids, "embedding": list(item_vectors[1:])}).to_parquet(

@@ -39,7 +39,7 @@ POLL_SECONDS = 0.2  # how often other processes' writes are read from the databa
 EXACT_MAX = 20_000  # allowed exported items scored exactly instead of searched wider
 EMBED_BATCH = 64
 RECENT = 50  # item changes GET /live lists
-PREFETCH = 128  # live items scored per query in the batch, best first
+PREFETCH = 64  # live items kept per query of a batch, best first
 LIVE_PREFETCH = "_live"  # the key of those in a retrieval answer
 
 
@@ -137,6 +137,7 @@ class Snapshot:
     brands: np.ndarray  # [n] object
     row: dict[str, int] = field(default_factory=dict)  # live item id -> its alive row
     blocked_count: int = 0
+    dead_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # replaced
 
     @classmethod
     def empty(cls, exported: int, dim: int) -> Snapshot:
@@ -220,7 +221,7 @@ class VersionView:
                 blocked[exported] = False
         self.snapshot = Snapshot(blocked, n, vectors, unit, alive, np.array(ids, object),
                                  np.array(categories, object), np.array(brands, object), row,
-                                 int(blocked.sum()))
+                                 int(blocked.sum()), np.flatnonzero(~alive))
 
 
 def _grown(buffer: np.ndarray, n: int, capacity: int, dim: int) -> np.ndarray:
@@ -404,7 +405,8 @@ class LiveRetrieval:
     def _prefetch(snap: Snapshot, answers: list[dict]) -> None:
         queries = np.stack([answer[c.QUERY] for answer in answers]).astype(np.float32)
         scores = queries @ snap.vectors[:snap.n].T  # [batch, n]
-        scores[:, ~snap.alive] = -np.inf
+        if snap.dead_rows.size:
+            scores[:, snap.dead_rows] = -np.inf
         m = min(PREFETCH, snap.n)
         top = (np.argpartition(-scores, m - 1, axis=1)[:, :m] if m < snap.n
                else np.broadcast_to(np.arange(snap.n), scores.shape))
@@ -420,11 +422,17 @@ class LiveRetrieval:
             return []
         if prefetched is not None and prefetched[0] is snap and not flt:
             _, rows, values = prefetched
-            out = sorted(((str(snap.ids[r]), float(v)) for r, v in zip(rows, values)
-                          if np.isfinite(v) and snap.ids[r] not in seen),
-                         key=lambda pair: -pair[1])
-            if len(out) >= k or len(rows) == snap.n:
-                return out[:k]
+            order = np.argsort(-values, kind="stable")
+            out = []
+            for item, value in zip(snap.ids[rows[order]].tolist(), values[order].tolist()):
+                if value == -np.inf:
+                    break
+                if item not in seen:
+                    out.append((item, value))
+                    if len(out) == k:
+                        return out
+            if len(rows) == snap.n:
+                return out
         scores = snap.vectors[:snap.n] @ query
         scores[~snap.fresh_mask(flt)] = -np.inf
         want = min(k + sum(item in snap.row for item in seen), snap.n)
@@ -447,7 +455,12 @@ class LiveRetrieval:
         items already out when asked) and the fresh items."""
         snap = self.view.snapshot
         ok = self.exported_passes(snap, flt, seen)
-        exported = [(item, score) for item, score in found if ok(item)]
+        exported = []
+        for item, score in found:  # best first: the first k that pass
+            if ok(item):
+                exported.append((item, score))
+                if len(exported) == k:
+                    break
         truncated = len(found) >= self.model.k  # more exported items may lie beyond
         if len(exported) < k and truncated and query is not None:
             exported = self.wider(snap, query, k, flt, seen, ok)

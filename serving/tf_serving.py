@@ -87,12 +87,17 @@ def write_warmup_requests(model_dir: Path, model_name: str, signatures: Mapping[
     with tf.io.TFRecordWriter(str(path)) as writer:
         for signature, function in signatures.items():
             specs = function.input_signature
-            names = [spec.name for spec in specs if spec.dtype == tf.string]
+            names = [spec.name for spec in specs
+                     if spec.dtype == tf.string and spec.shape.rank == 2]
             request = predict_pb2.PredictRequest(
                 model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature))
             for name, value in warmup_inputs(names, item_ids, event_type).items():
                 request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string))
-            for spec in specs:  # numeric inputs (retrieval's `search`): zeros, fetch 10
+            for spec in specs:  # item_tower's metadata: one item with none
+                if spec.dtype == tf.string and spec.shape.rank == 1:
+                    request.inputs[spec.name].CopyFrom(tf.make_tensor_proto(
+                        np.array([""], dtype=object), dtype=tf.string))
+            for spec in specs:  # numeric inputs (`search`, item_tower): zeros, fetch 10
                 if spec.dtype != tf.string:
                     shape = [1 if d is None else d for d in spec.shape.as_list()]
                     value = np.full(shape, 10 if spec.name == c.FETCH else 0,
