@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +74,8 @@ class Batcher:
     def __init__(self, max_batch: int = MAX_BATCH):
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        # Post hooks (live items scored for a batch) run here, beside the model's thread.
+        self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-post")
         self._thread = threading.Thread(target=self._run, name="model-batcher", daemon=True)
         self._thread.start()
 
@@ -86,6 +88,7 @@ class Batcher:
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)
+        self._post.shutdown(wait=True)
 
     def _run(self) -> None:
         waiting: list[_Call] = []  # taken from the queue for a later batch (other signature)
@@ -109,15 +112,28 @@ class Batcher:
                 (batch if first.batches_with(call) else waiting).append(call)
             self._execute(batch)
 
-    @staticmethod
-    def _execute(batch: list[_Call]) -> None:
+    def _execute(self, batch: list[_Call]) -> None:
         try:
             answers = run_batch(batch[0].signature, [call.inputs for call in batch])
-            if batch[0].post is not None:
-                batch[0].post(answers)
         except BaseException as error:  # handed to every waiting request
             for call in batch:
                 call.future.set_exception(error)
             return
+        if batch[0].post is None:
+            self._hand_out(batch, answers)
+        else:  # on its own thread: the model's next batch need not wait for it
+            self._post.submit(self._post_and_hand_out, batch, answers)
+
+    def _post_and_hand_out(self, batch: list[_Call], answers: list[dict]) -> None:
+        try:
+            batch[0].post(answers)
+        except BaseException as error:
+            for call in batch:
+                call.future.set_exception(error)
+            return
+        self._hand_out(batch, answers)
+
+    @staticmethod
+    def _hand_out(batch: list[_Call], answers: list[dict]) -> None:
         for call, answer in zip(batch, answers, strict=True):
             call.future.set_result(answer)
