@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_api import LUA, free_port, run_wrk, start_server, stop_server, user_ids  # noqa: E402
 
 TOKEN = "bench-token"
@@ -136,9 +137,15 @@ def cold_parity(url: str, version: Path) -> dict:
     users through the API: NDCG@10 of the held-out last item, history = all before it."""
     import httpx
 
+    from training.sequences import held_out_items
+
     items = pd.read_parquet(version / "items.parquet")
-    cold = items[items["train_count"] == 0]
-    metrics = json.loads((version / "metadata.json").read_text())["test_metrics"]
+    metadata = json.loads((version / "metadata.json").read_text())
+    metrics, config = metadata["test_metrics"], metadata["config"]
+    held_out = held_out_items(len(items), config["cold_items"], config["seed"])
+    if not len(held_out):
+        raise SystemExit(f"{version}: trained without --cold-items, nothing to put")
+    cold = items[items["item_idx"].isin(held_out)]
     users = pd.read_parquet(version / "user_histories.parquet")
     targets = [(list(h[:-1]), list(e[:-1]), h[-1]) for h, e in zip(
         users["history"], users["event_types"]) if h[-1] in set(cold["item_id"])]

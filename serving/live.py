@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from serving import contract as c
 from serving.database import Database, DatabaseError, Event, ItemChange, Tail
@@ -118,7 +119,7 @@ class ItemEmbedder:
                     category=tf.constant([item.category for item in chunk]),
                     brand=tf.constant([item.brand for item in chunk]),
                     price=tf.constant([np.nan if item.price is None else item.price
-                                       for item in chunk], tf.float32))
+                                       for item in chunk], tf.float64))
                 out.append(result[c.ITEM_VECTORS].numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -152,15 +153,21 @@ class Snapshot:
     def fresh_mask(self, flt: ItemFilter) -> np.ndarray:
         """Live rows that are current and pass the filter: bool [n]."""
         mask = self.alive.copy()
-        if flt:
-            for values, include, exclude in (
-                    (self.ids, flt.include_items, flt.exclude_items),
-                    (self.categories, flt.include_categories, flt.exclude_categories),
-                    (self.brands, flt.include_brands, flt.exclude_brands)):
-                if include:
-                    mask &= np.isin(values, list(include))
-                if exclude:
-                    mask &= ~np.isin(values, list(exclude))
+        if not flt:
+            return mask
+        if flt.include_items:
+            keep = np.zeros(self.n, bool)
+            keep[[self.row[i] for i in flt.include_items if i in self.row]] = True
+            mask &= keep
+        if flt.exclude_items:
+            mask[[self.row[i] for i in flt.exclude_items if i in self.row]] = False
+        for values, include, exclude in (
+                (self.categories, flt.include_categories, flt.exclude_categories),
+                (self.brands, flt.include_brands, flt.exclude_brands)):
+            if include:  # a hash lookup per row (np.isin on strings sorts them)
+                mask &= pd.Index(values).isin(list(include))
+            if exclude:
+                mask &= ~pd.Index(values).isin(list(exclude))
         return mask
 
 

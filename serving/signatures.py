@@ -264,7 +264,7 @@ class ItemTowerModule(tf.Module):
         meta = {name: table.lookup(category if name == "category" else brand)
                 for name, table in self.tables.items()}
         if self.price_edges is not None:
-            value = tf.cast(price, tf.float64)
+            value = price  # float64: a price on a bucket edge falls as in training
             bucket = tf.searchsorted(self.price_edges, value, side="right") + 1
             meta["price_bucket"] = tf.where(tf.math.is_finite(value), tf.cast(bucket, tf.int32),
                                             0)
@@ -280,6 +280,6 @@ class ItemTowerModule(tf.Module):
                  tf.TensorSpec([None, None], tf.int32, name=c.ATTENTION_MASK),
                  tf.TensorSpec([None], tf.string, name=c.CATEGORY),
                  tf.TensorSpec([None], tf.string, name=c.BRAND),
-                 tf.TensorSpec([None], tf.float32, name=c.PRICE)]
+                 tf.TensorSpec([None], tf.float64, name=c.PRICE)]
         self.serve = tf.function(self.embed, input_signature=specs)
         return {c.SERVING_DEFAULT: self.serve}

@@ -26,7 +26,7 @@ def embed_catalog(version, items: pd.DataFrame) -> dict[str, np.ndarray]:
                 attention_mask=tf.constant(tokens["attention_mask"], tf.int32),
                 category=tf.constant(items["category"].fillna("").astype(str).tolist()),
                 brand=tf.constant(items["brand"].fillna("").astype(str).tolist()),
-                price=tf.constant(items["price"].astype(np.float32).to_numpy()))
+                price=tf.constant(items["price"].astype(np.float64).to_numpy()))
     return {name: value.numpy() for name, value in out.items()}
 
 

@@ -40,6 +40,16 @@ class Sequences:
         return np.bincount(self.items, minlength=self.num_items + 1)
 
 
+def held_out_items(num_items: int, cold_fraction: float, seed: int) -> np.ndarray:
+    """The item_idx `--cold-items` holds out of training (sorted int32; none at 0)."""
+    if cold_fraction <= 0:
+        return np.zeros(0, np.int32)
+    rng = np.random.default_rng(seed)
+    how_many = int(round(cold_fraction * num_items))
+    return np.sort(rng.choice(np.arange(1, num_items + 1), how_many,
+                              replace=False)).astype(np.int32)
+
+
 def build_sequences(events: pd.DataFrame, num_items: int, cold_fraction: float = 0.0,
                     seed: int = 0) -> Sequences:
     """Split events (sorted by user then time, as prepare_data writes them) into sequences.
@@ -61,13 +71,9 @@ def build_sequences(events: pd.DataFrame, num_items: int, cold_fraction: float =
     purchase = ((kinds == PURCHASE) if (kinds == PURCHASE).any()
                 else np.ones(len(kinds), bool)).astype(np.float32)
 
-    cold = np.zeros(0, np.int32)
+    cold = held_out_items(num_items, cold_fraction, seed)
     train = split == "train"
-    if cold_fraction > 0:
-        rng = np.random.default_rng(seed)
-        how_many = int(round(cold_fraction * num_items))
-        cold = np.sort(rng.choice(np.arange(1, num_items + 1), how_many,
-                                  replace=False)).astype(np.int32)
+    if len(cold):
         train &= ~np.isin(items, cold)
 
     order = np.argsort(user_codes[train], kind="stable")
