@@ -71,8 +71,11 @@ def freshness(a: str, b: str, items: pd.DataFrame, puts: int, history: list[str]
     import httpx
 
     waits = []
+    rng = np.random.default_rng(5)
     with httpx.Client(timeout=30) as client:
         for item in live_items(items, puts, "FRESH-", 1):
+            # A random pause: the next put must not start in step with the reader's poll.
+            time.sleep(float(rng.uniform(0, 0.3)))
             answer = client.put(f"{a}/items/{item['item_id']}", headers=ADMIN,
                                 json={k: v for k, v in item.items() if k != "item_id"})
             answer.raise_for_status()

@@ -36,6 +36,9 @@ cat <<EOF2
   curl -X POST 'http://127.0.0.1:$PORT/recommendations' -H 'Content-Type: application/json' -d '{"history": ["$item"], "k": 5}'
   curl 'http://127.0.0.1:$PORT/items/$item/similar?k=5'
   curl -X POST 'http://127.0.0.1:$PORT/rank' -H 'Content-Type: application/json' -d '{"history": ["$item"], "candidates": ["22423", "85099B", "47566"]}'
+  # a new product, placed by its text alone (admin routes answer on 127.0.0.1 without a token):
+  curl -X PUT 'http://127.0.0.1:$PORT/items/NEW-1' -H 'Content-Type: application/json' -d '{"text": "RED ENAMEL TEAPOT WITH HEARTS"}'
+  curl 'http://127.0.0.1:$PORT/items/NEW-1/similar?k=5'
   open http://127.0.0.1:$PORT/docs
 EOF2
 echo "-- GET /recommendations/$user?k=5"

@@ -19,6 +19,7 @@ consistent state and never waits for a writer.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import threading
@@ -150,7 +151,15 @@ class Snapshot:
     def active(self) -> bool:
         return self.n > 0 or self.blocked_count > 0
 
-    def fresh_mask(self, flt: ItemFilter) -> np.ndarray:
+    @functools.cached_property
+    def _rows_of(self) -> dict[str, dict[str, np.ndarray]]:
+        """category / brand -> the live rows that have it (built once per state, on the first
+        filtered request)."""
+        rows = pd.Series(np.arange(self.n))
+        return {name: rows.groupby(pd.Series(values[:self.n], dtype=object)).indices
+                for name, values in (("category", self.categories), ("brand", self.brands))}
+
+    def fresh_mask(self, flt: ItemFilter | None) -> np.ndarray:
         """Live rows that are current and pass the filter: bool [n]."""
         mask = self.alive.copy()
         if not flt:
@@ -161,13 +170,17 @@ class Snapshot:
             mask &= keep
         if flt.exclude_items:
             mask[[self.row[i] for i in flt.exclude_items if i in self.row]] = False
-        for values, include, exclude in (
-                (self.categories, flt.include_categories, flt.exclude_categories),
-                (self.brands, flt.include_brands, flt.exclude_brands)):
-            if include:  # a hash lookup per row (np.isin on strings sorts them)
-                mask &= pd.Index(values).isin(list(include))
-            if exclude:
-                mask &= ~pd.Index(values).isin(list(exclude))
+        for name, include, exclude in (
+                ("category", flt.include_categories, flt.exclude_categories),
+                ("brand", flt.include_brands, flt.exclude_brands)):
+            groups = self._rows_of[name] if include or exclude else {}
+            if include:
+                keep = np.zeros(self.n, bool)
+                for value in include:
+                    keep[groups.get(value, [])] = True
+                mask &= keep
+            for value in exclude:
+                mask[groups.get(value, [])] = False
         return mask
 
 
@@ -440,14 +453,15 @@ class LiveRetrieval:
                         return out
             if len(rows) == snap.n:
                 return out
-        scores = snap.vectors[:snap.n] @ query
-        scores[~snap.fresh_mask(flt)] = -np.inf
-        want = min(k + sum(item in snap.row for item in seen), snap.n)
-        top = np.argpartition(-scores, want - 1)[:want] if want < snap.n else np.arange(snap.n)
-        top = top[np.argsort(-scores[top], kind="stable")]
-        out = [(str(snap.ids[r]), float(scores[r])) for r in top
-               if np.isfinite(scores[r]) and snap.ids[r] not in seen]
-        return out[:k]
+        rows = np.flatnonzero(snap.fresh_mask(flt))
+        if len(rows) == 0:
+            return []
+        # A selective filter scores its few rows; otherwise one pass over all is cheaper.
+        scores = (snap.vectors[rows] @ query if len(rows) < snap.n // 4
+                  else (snap.vectors[:snap.n] @ query)[rows])
+        ids = snap.ids[rows]
+        return [(item, score) for item, score in _top(ids, scores, k + sum(
+            item in snap.row for item in seen)) if item not in seen][:k]
 
     def exact(self, allowed: np.ndarray, query: np.ndarray, k: int) -> list[tuple[str, float]]:
         rows = np.flatnonzero(allowed)

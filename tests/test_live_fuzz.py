@@ -111,3 +111,17 @@ def test_fuzzed_live_endpoints_answer_documented_statuses_and_never_5xx(client):
     for template in ("/items/{item_id}", "/items/bulk", "/events"):
         codes = {code for _, t, code in seen if t == template}
         assert 200 in codes and 422 in codes, (template, codes)
+
+
+def test_every_operation_taking_a_version_documents_its_404(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    taking = [(path, method) for path, operations in paths.items()
+              for method, operation in operations.items()
+              if any(p["name"] == "version" for p in operation.get("parameters", []))]
+    assert len(taking) >= 8
+    for path, method in taking:
+        assert "404" in paths[path][method]["responses"], (method, path)
+        answer = client.request(method.upper(), path.replace("{user_id}", "u000").replace(
+            "{item_id}", "SKU0001"), params={"version": 99, "q": "x"},
+            json={"history": ["SKU0001"], "candidates": ["SKU0002"]})
+        assert answer.status_code == 404, (method, path, answer.text)
