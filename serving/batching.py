@@ -39,6 +39,7 @@ class _Call:
     # Run on the batch's answers before they are handed out (one call for the whole batch:
     # the live items are scored for every query of the batch in one product).
     post: Callable[[list[dict]], None] | None = None
+    post_inline: bool = False  # run `post` on the model's thread (cheap), not beside it
 
     def batches_with(self, other: _Call) -> bool:
         return (other.signature is self.signature and other.inputs.keys() == self.inputs.keys()
@@ -80,8 +81,9 @@ class Batcher:
         self._thread.start()
 
     def submit(self, signature: Callable, inputs: dict[str, list[str]],
-               post: Callable[[list[dict]], None] | None = None) -> Future:
-        call = _Call(signature, inputs, post=post)
+               post: Callable[[list[dict]], None] | None = None,
+               post_inline: bool = False) -> Future:
+        call = _Call(signature, inputs, post=post, post_inline=post_inline)
         self._queue.put(call)
         return call.future
 
@@ -121,6 +123,8 @@ class Batcher:
             return
         if batch[0].post is None:
             self._hand_out(batch, answers)
+        elif batch[0].post_inline:  # cheap: here, no thread hop
+            self._post_and_hand_out(batch, answers)
         else:  # on its own thread: the model's next batch need not wait for it
             self._post.submit(self._post_and_hand_out, batch, answers)
 

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 INDEXES = ("scann", "bruteforce")
 POPULAR_MAX = 100
+# Up to this many live items are scored for a batch on the model's thread; more, beside it.
+LIVE_INLINE_ROWS = 2_000
 
 
 class ModelError(RuntimeError):
@@ -290,11 +292,11 @@ class ServingModel:
         self.similar(first, 1)
 
     def _call(self, signature: Callable, post: Callable | None = None,
-              **inputs: list[str]) -> Future:
+              post_inline: bool = False, **inputs: list[str]) -> Future:
         """Run a signature for one request (through the batcher when there is one; `post` runs
         on the batch's answers); the Future gives {output: row} or raises ModelError."""
         if self.batcher is not None:
-            raw = self.batcher.submit(signature, inputs, post)
+            raw = self.batcher.submit(signature, inputs, post, post_inline)
         else:
             raw = Future()
             try:
@@ -326,10 +328,14 @@ class ServingModel:
                        exclude_seen: bool) -> Future:
         used = event_types is not None
         signature = self.retrieval[c.retrieval_signature(exclude_seen, used)]
-        post = self.live.prefetch if self.live is not None else None
+        # Live items scored with the batch, only when there are some (no cost otherwise).
+        live = self.view.snapshot.n if self.view is not None else 0
+        post = self.live.prefetch if live else None
+        inline = live <= LIVE_INLINE_ROWS
         if used:
-            return self._call(signature, post, history=history, event_types=event_types)
-        return self._call(signature, post, history=history)
+            return self._call(signature, post, inline, history=history,
+                              event_types=event_types)
+        return self._call(signature, post, inline, history=history)
 
     def known_history(self, history: list[str], event_types: list[str] | None):
         """(catalog items of the history, their event types, unknown ids once each). Unknown
