@@ -157,13 +157,13 @@ def _scored(model: ServingModel, pairs: list[tuple[str, float]]) -> list[ScoredI
 Str = Annotated[str, Query(max_length=ID_MAX_CHARS)]
 
 
-def query_filter(include_categories: Annotated[list[Str], Query()] = [],  # noqa: B006
-                 exclude_categories: Annotated[list[Str], Query()] = [],  # noqa: B006
-                 include_brands: Annotated[list[Str], Query()] = [],  # noqa: B006
-                 exclude_brands: Annotated[list[Str], Query()] = [],  # noqa: B006
-                 include_items: Annotated[list[Str], Query()] = [],  # noqa: B006
-                 exclude_items: Annotated[list[Str], Query()] = [],  # noqa: B006
-                 ) -> ItemFilter:
+async def query_filter(include_categories: Annotated[list[Str], Query()] = [],  # noqa: B006
+                       exclude_categories: Annotated[list[Str], Query()] = [],  # noqa: B006
+                       include_brands: Annotated[list[Str], Query()] = [],  # noqa: B006
+                       exclude_brands: Annotated[list[Str], Query()] = [],  # noqa: B006
+                       include_items: Annotated[list[Str], Query()] = [],  # noqa: B006
+                       exclude_items: Annotated[list[Str], Query()] = [],  # noqa: B006
+                       ) -> ItemFilter:
     """Filters as repeated query parameters (?include_categories=a&include_categories=b)."""
     return ItemFilter.of(include_categories=include_categories,
                          exclude_categories=exclude_categories, include_brands=include_brands,
