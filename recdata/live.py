@@ -14,7 +14,7 @@ PAGE = 50_000
 
 def read_live(url: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(events frame, items frame of the items put and not withdrawn since, manifest notes)."""
-    from serving.database import Database, DatabaseError, describe
+    from recdata.livedb import Database, DatabaseError, describe
 
     try:
         db = Database(url)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -30,8 +31,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from recdata.livedb import Database, DatabaseError, default_url, describe
 from serving.contract import HISTORY_MAX
-from serving.database import Database, DatabaseError, default_url, describe
 from serving.live import LIVE_PREFETCH, ItemFilter, LiveState
 from serving.metrics import RequestMetricsMiddleware, ServingMetrics
 from serving.model_store import INDEXES, ModelError, ModelStore, ServingModel, VersionPolicy
@@ -64,6 +65,8 @@ from serving.schemas import (
     VersionsResponse,
 )
 from serving.split import TrafficSplit
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = "saved_model/sample"
 STATIC = Path(__file__).resolve().parent / "static"  # the browser page
@@ -464,8 +467,8 @@ async def _write_items(request: Request, puts: list[tuple], deletes: list[str]
     """Write item changes (one transaction), then apply them here before answering: every
     loaded version has placed the items put (its item tower) and dropped those withdrawn."""
     live = _live(request)
-    await asyncio.to_thread(live.db.change_items, puts, deletes)
-    await asyncio.to_thread(live.sync)
+    await asyncio.to_thread(live.db.change_items, puts, deletes)  # DatabaseError: 503
+    await _apply_written(live)
     store: ModelStore = request.app.state.store
     placed, not_placed = [], {}
     for version in store.loaded_versions:
@@ -477,6 +480,16 @@ async def _write_items(request: Request, puts: list[tuple], deletes: list[str]
                 not_placed[str(version)] = model.view.failed or "no item_tower"
     return ItemsWritten(put=list(dict.fromkeys(row[0] for row in puts)), deleted=deletes,
                         placed_by=placed if puts else [], not_placed=not_placed if puts else {})
+
+
+async def _apply_written(live: LiveState) -> None:
+    """Read back what was just committed (with anything other processes wrote before it). If
+    the database fails now, the write stands and the poll applies it later: not an error."""
+    try:
+        await asyncio.to_thread(live.sync)
+    except DatabaseError as error:
+        live.last_error = str(error)
+        log.warning("written, but reading it back failed (the poll retries): %s", error)
 
 
 def _item_row(item_id: str, body: ItemIn) -> tuple:
@@ -553,8 +566,8 @@ async def post_events(request: Request, body: EventsRequest | EventIn) -> Events
     now = time.time()
     rows = [(e.user_id, e.item_id, e.event_type, now if e.timestamp is None else e.timestamp)
             for e in events]
-    await asyncio.to_thread(live.db.add_events, rows)
-    await asyncio.to_thread(live.sync)
+    await asyncio.to_thread(live.db.add_events, rows)  # DatabaseError: 503
+    await _apply_written(live)
     return EventsWritten(events=len(rows))
 
 
@@ -592,7 +605,7 @@ async def live_status(request: Request) -> LiveResponse:
 
 async def _database_error(request: Request, error: DatabaseError) -> JSONResponse:
     return JSONResponse({"detail": f"database unavailable, nothing written: {error}"},
-                        status_code=503)
+                        status_code=503)  # raised only by the write itself (one transaction)
 
 
 async def _model_error(request: Request, error: ModelError) -> JSONResponse:

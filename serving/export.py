@@ -40,6 +40,7 @@ from serving.signatures import (
 )
 from serving.tf_serving import write_tf_serving_config, write_warmup_requests
 from towers import run_dir as run_files
+from towers.metadata import metadata_vocabularies
 from towers.model import TwoTowerModel
 from towers.run_dir import package_versions
 
@@ -106,8 +107,6 @@ def item_tower_module(model: TwoTowerModel, spec, settings: dict, items: pd.Data
     there is no item tower, why. The frozen encoder is loaded as training loaded it and must
     reproduce the checkpoint's text vectors of the catalog (another encoder would place new
     items in another space); where it cannot, the export goes on without an item tower."""
-    from training.features import metadata_vocabularies
-
     if spec.text_tokens:
         return None, None, ("a fine-tuned text encoder is not kept in the run directory; "
                             "new items need a frozen-text run")

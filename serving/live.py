@@ -1,6 +1,6 @@
 """The catalog and histories as they are now, not as they were at export.
 
-`LiveState` mirrors the database's two logs (serving/database.py) in memory: items put (added
+`LiveState` mirrors the database's two logs (recdata/livedb.py) in memory: items put (added
 or changed) and withdrawn since the export, and each user's events. Every loaded version gets a
 `VersionView` of it: its own item tower's vectors for the items put (a fresh segment, scored
 exactly) and which exported rows are withdrawn or replaced. Retrieval (`LiveRetrieval`) merges
@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recdata.livedb import Database, DatabaseError, Event, ItemChange, Tail
 from serving import contract as c
-from serving.database import Database, DatabaseError, Event, ItemChange, Tail
 
 log = logging.getLogger(__name__)
 

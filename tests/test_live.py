@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 from test_api import ADMIN, TOKEN, add_version
 from test_item_tower import embed_catalog
 
+from recdata.livedb import Database, DatabaseError, Tail
 from serving import contract as c
 from serving.app import create_app
-from serving.database import Database, DatabaseError, Tail
 from serving.live import ItemFilter, LiveRetrieval, Snapshot
 
 

@@ -7,7 +7,7 @@ import httpx
 import pytest
 from support import postgres_bin, postgres_server, uvicorn_server
 
-from serving.database import Database, DatabaseError
+from recdata.livedb import Database, DatabaseError
 
 pytestmark = pytest.mark.skipif(postgres_bin() is None,
                                 reason="PostgreSQL server binaries (Debian's postgresql "

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from towers.metadata import META_COLUMNS, category_codes, price_buckets
 from towers.model import TwoTowerModel
 from towers.text_encoder import TextEncoder, cached_text_embeddings, load_text_encoder, tokenize
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS = ("category", "brand")
 
 
 @dataclass
@@ -47,47 +47,6 @@ class ItemFeatures:
         return 0 if self.tokens is None else int(self.tokens.shape[1])
 
 
-def _codes(values: pd.Series) -> tuple[np.ndarray, int]:
-    """'' / missing -> 0, other values -> 1..K in sorted order."""
-    values = values.fillna("").astype(str)
-    vocab = sorted(v for v in values.unique() if v)
-    codes = pd.Categorical(values, categories=vocab).codes.astype(np.int32) + 1
-    return np.where(values.to_numpy() == "", 0, codes).astype(np.int32), len(vocab)
-
-
-def price_edges(prices: pd.Series, buckets: int) -> np.ndarray:
-    """Inner quantile edges of the known prices (float64, ascending, distinct)."""
-    values = pd.to_numeric(prices, errors="coerce").to_numpy(np.float64)
-    known = values[np.isfinite(values)]
-    if len(known) == 0:
-        return np.zeros(0, np.float64)
-    return np.unique(np.quantile(known, np.linspace(0, 1, buckets + 1)[1:-1]))
-
-
-def price_buckets(prices: pd.Series, buckets: int) -> np.ndarray:
-    """Quantile buckets 1..buckets of known prices; missing price -> 0."""
-    values = pd.to_numeric(prices, errors="coerce").to_numpy(np.float64)
-    out = np.searchsorted(price_edges(prices, buckets), values, side="right").astype(np.int32)
-    out += 1
-    out[~np.isfinite(values)] = 0
-    return out
-
-
-def metadata_vocabularies(items: pd.DataFrame, meta_sizes: dict[str, int],
-                          buckets: int) -> dict[str, list]:
-    """What turns a new item's metadata into the codes training gave the catalog: the sorted
-    vocabulary of each text column the model embeds (code = position + 1; unknown or empty ->
-    0) and the price bucket edges ("price_bucket")."""
-    out: dict[str, list] = {}
-    for column in META_COLUMNS:
-        if column in meta_sizes:
-            values = items[column].fillna("").astype(str)
-            out[column] = sorted(v for v in values.unique() if v)
-    if "price_bucket" in meta_sizes:
-        out["price_bucket"] = price_edges(items["price"], buckets).tolist()
-    return out
-
-
 def item_features(items: pd.DataFrame, train_counts: np.ndarray,
                   config: TrainConfig) -> ItemFeatures:
     """Build every table the item tower needs from items.parquet (sorted by item_idx)."""
@@ -97,7 +56,7 @@ def item_features(items: pd.DataFrame, train_counts: np.ndarray,
     if config.use_metadata:
         for column in META_COLUMNS:
             if column in items and items[column].fillna("").astype(str).ne("").any():
-                codes, size = _codes(items[column])
+                codes, size = category_codes(items[column])
                 features.meta[column], features.meta_sizes[column] = pad(codes), size
         if "price" in items and pd.to_numeric(items["price"], errors="coerce").notna().any():
             features.meta["price_bucket"] = pad(price_buckets(items["price"],
