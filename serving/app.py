@@ -229,10 +229,12 @@ async def recommend(model: ServingModel, metrics: ServingMetrics, user_id: str |
         found = (await asyncio.to_thread(model.live.finish, *args) if flt
                  else model.live.finish(*args))
     if rerank and found:
-        ranked, _ = await model.rank_async(known, kinds, [item for item, _ in found])
-        fresh = [pair for pair in found if pair[0] not in model.embedding_row or (
-            snap is not None and pair[0] in snap.row)]
-        found = ranked + fresh  # live items: no ranking-head score, kept after the ranked
+        live = snap.row if snap is not None else {}
+        ranked, _ = await model.rank_async(known, kinds, [item for item, _ in found
+                                                         if item not in live])
+        # Live items (new, or changed since the export) have no ranking-head score: kept in
+        # retrieval order after the ranked ones.
+        found = ranked + [pair for pair in found if pair[0] in live]
         events_used = kinds is not None
     return _json(RecommendationsResponse(
         user_id=user_id, model_version=model.version, recommendations=_scored(model, found[:k]),
@@ -339,8 +341,10 @@ async def user_history(model: Model, user_id: Annotated[str, PathParam(max_lengt
 @router.get("/users", response_model=UsersResponse, responses={**UNAVAILABLE, **VERSION_404})
 async def users(model: Model, prefix: Annotated[str, Query(max_length=256)] = "",
                 limit: Annotated[int, Query(ge=1, le=K_MAX)] = 20) -> UsersResponse:
-    """Stored user ids starting with `prefix` (for pickers)."""
-    return UsersResponse(model_version=model.version, user_ids=model.users(prefix, limit))
+    """User ids starting with `prefix`, stored or known from events since (for pickers)."""
+    found = set(model.users(prefix, limit))
+    found.update(u for u in list(model.live_state.events) if u.startswith(prefix))
+    return UsersResponse(model_version=model.version, user_ids=sorted(found)[:limit])
 
 
 @router.get("/items", response_model=ItemSearchResponse, responses={**UNAVAILABLE, **VERSION_404})
@@ -420,9 +424,14 @@ async def metadata(model: Model, store: Annotated[ModelStore, Depends(get_store)
 
 
 @router.get("/metrics", include_in_schema=False)
-async def prometheus_metrics(metrics: Metrics) -> Response:
+async def prometheus_metrics(request: Request, metrics: Metrics) -> Response:
     """Prometheus text format: requests and latency per route and status, model version,
-    loads, reloads, popular fallbacks, unknown item ids, the index in use."""
+    loads, reloads, popular fallbacks, unknown item ids, the index in use, the live service's
+    writes, items, withdrawals and database health."""
+    live: LiveState = request.app.state.live
+    metrics.live_items.set(len(live.items))
+    metrics.live_withdrawn.set(len(live.withdrawn))
+    metrics.live_database_ok.set(0 if live.db is None or live.last_error else 1)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -468,6 +477,7 @@ async def _write_items(request: Request, puts: list[tuple], deletes: list[str]
     loaded version has placed the items put (its item tower) and dropped those withdrawn."""
     live = _live(request)
     await asyncio.to_thread(live.db.change_items, puts, deletes)  # DatabaseError: 503
+    request.app.state.metrics.live_writes.labels("item").inc(len(puts) + len(deletes))
     await _apply_written(live)
     store: ModelStore = request.app.state.store
     placed, not_placed = [], {}
@@ -567,6 +577,7 @@ async def post_events(request: Request, body: EventsRequest | EventIn) -> Events
     rows = [(e.user_id, e.item_id, e.event_type, now if e.timestamp is None else e.timestamp)
             for e in events]
     await asyncio.to_thread(live.db.add_events, rows)  # DatabaseError: 503
+    request.app.state.metrics.live_writes.labels("event").inc(len(rows))
     await _apply_written(live)
     return EventsWritten(events=len(rows))
 

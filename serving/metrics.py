@@ -55,6 +55,15 @@ class ServingMetrics:
         self.unknown_items = Counter("towerrec_unknown_items",
                                      "item ids in requests that are not in the catalog",
                                      registry=r)
+        self.live_writes = Counter("towerrec_live_writes",
+                                   "rows written to the live database by kind (item, event)",
+                                   ["kind"], registry=r)
+        self.live_items = Gauge("towerrec_live_items",
+                                "items put since the export and not withdrawn", registry=r)
+        self.live_withdrawn = Gauge("towerrec_live_withdrawn", "items withdrawn", registry=r)
+        self.live_database_ok = Gauge("towerrec_live_database_ok",
+                                      "1 when the last read of the live database succeeded",
+                                      registry=r)
 
     def serving_index(self, index: str, choices: tuple[str, ...]) -> None:
         for name in choices:

@@ -62,6 +62,13 @@ def test_new_items_are_scored_exactly_and_merged_by_score(root, version1):
     assert [item for item, _ in got] == [names[i] for i in order]
     np.testing.assert_allclose([s for _, s in got], scores[order], rtol=1e-4, atol=1e-4)
     assert any(item.startswith("NEW-") for item, _ in got)
+    # Re-ranked: exported candidates by the ranking head, live ones (no ranking score) after.
+    with served(root) as client:
+        client.put("/items/SKU0010", headers=ADMIN, json={"text": "changed text"})
+        reranked = [i for i, _ in recs(client, history=HISTORY, k=20, rerank=True)]
+    assert len(reranked) == len(set(reranked)) == 20
+    live = [i.startswith("NEW-") or i == "SKU0010" for i in reranked]
+    assert live == sorted(live)  # no exported item after a live one
 
 
 def test_put_item_is_found_similar_and_recommendable_then_withdrawn(root, version1):
@@ -81,6 +88,7 @@ def test_put_item_is_found_similar_and_recommendable_then_withdrawn(root, versio
         assert "FRESH-1" in [s["item_id"] for s in near["similar"]]
         only = recs(client, history=HISTORY, k=5, filter={"include_items": ["FRESH-1"]})
         assert [i for i, _ in only] == ["FRESH-1"]
+        assert "towerrec_live_items 1.0" in client.get("/metrics").text
         assert client.get("/live").json()["recent"][0] == {
             "item_id": "FRESH-1", "title": twin["text"], "category": twin["category"],
             "brand": twin["brand"], "price": float(twin["price"]), "status": "new"}
@@ -138,6 +146,10 @@ def test_events_move_histories_and_make_users_known(root, version1):
         assert after["recommendations"] and after["user_id"] == user
         shown = client.get(f"/users/{user}/history").json()["history"]
         assert shown[0]["item_id"] == bought and len(shown) == len(history) + 1
+        assert "newcomer" in client.get("/users", params={"prefix": "newc"}).json()["user_ids"]
+        metrics = client.get("/metrics").text
+        assert 'towerrec_live_writes_total{kind="event"} 2.0' in metrics
+        assert "towerrec_live_database_ok 1.0" in metrics
         newcomer = client.get("/recommendations/newcomer").json()
         assert not newcomer["fallback"] and "SKU0007" not in [
             r["item_id"] for r in newcomer["recommendations"]]
