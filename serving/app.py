@@ -216,13 +216,26 @@ async def recommend(model: ServingModel, metrics: ServingMetrics, user_id: str |
         metrics.unknown_items.inc(len(unknown))
     metrics.answers.labels(version=str(model.version)).inc()
     seen = set(history) if exclude_seen else set()
-    if not known:
+    live_at = ([i for i, item in enumerate(history) if item in snap.row]
+               if snap is not None and snap.n and len(known) < len(history) else [])
+    call = None
+    if live_at:  # items added while serving: the user tower reads their live vectors
+        vectors = np.zeros((len(history), snap.vectors.shape[1]), np.float32)
+        vectors[live_at] = snap.vectors[[snap.row[history[i]] for i in live_at]]
+        call = model.live_retrieve_call(history, event_types, exclude_seen, vectors)
+    if not known and call is None:
         metrics.fallbacks.inc()
         return _json(RecommendationsResponse(
             user_id=user_id, model_version=model.version, fallback=True,
             recommendations=_scored(model, _popular(model, k, flt, seen)),
             unknown_items=unknown))
-    found, events_used, query, out = await model.retrieve_async(known, kinds, exclude_seen)
+    if call is not None:
+        out = await asyncio.wrap_future(call)
+        found, query = model.found_items(out), model.query_of(out)
+        events_used = event_types is not None
+    else:
+        found, events_used, query, out = await model.retrieve_async(known, kinds,
+                                                                    exclude_seen)
     if flt or (snap is not None and snap.active) or len(known) < len(history):
         args = (found, query, min(k, model.k), flt, seen, out.get(LIVE_PREFETCH))
         # A filter may search the index again or score many items: off the event loop.

@@ -55,6 +55,14 @@ def run_batch(signature: Callable, rows: list[dict[str, list[str]]]) -> list[dic
     tensors = {}
     for name in rows[0]:
         width = max(1, max(len(row[name]) for row in rows))
+        if name == c.LIVE_VECTORS:  # [n, dim] float rows beside the history: left-padded
+            dim = rows[0][name].shape[1]
+            block = np.zeros((len(rows), width, dim), np.float32)
+            for i, row in enumerate(rows):
+                if len(row[name]):
+                    block[i, width - len(row[name]):] = row[name]
+            tensors[name] = tf.constant(block)
+            continue
         if name == c.CANDIDATES:
             padded = [row[name] + [""] * (width - len(row[name])) for row in rows]
         else:

@@ -41,6 +41,9 @@ ITEM_IDS, SCORES, KNOWN = "item_ids", "scores", "known"
 QUERY = "query"  # retrieval: the scored query vectors [batch, score_dim]
 # retrieval's `search` signature: query vectors and a count in, the index's top `fetch` out
 SEARCH, FETCH = "search", "fetch"
+# retrieval with items added while serving in the history: their vectors beside the ids
+LIVE_HISTORY, LIVE_HISTORY_INCLUDE_SEEN = "live_history", "live_history_include_seen"
+LIVE_VECTORS = "live_vectors"  # float32 [batch, n, score_dim], zeros for catalog items
 # item tower: inputs and outputs
 INPUT_IDS, ATTENTION_MASK = "input_ids", "attention_mask"
 CATEGORY, BRAND, PRICE = "category", "brand", "price"
@@ -59,6 +62,10 @@ def retrieval_signature(exclude_seen: bool, with_event_types: bool) -> str:
     if exclude_seen:
         return WITH_EVENT_TYPES if with_event_types else SERVING_DEFAULT
     return INCLUDE_SEEN_WITH_EVENT_TYPES if with_event_types else INCLUDE_SEEN
+
+
+def live_signature(exclude_seen: bool) -> str:
+    return LIVE_HISTORY if exclude_seen else LIVE_HISTORY_INCLUDE_SEEN
 
 
 def ranking_signature(with_event_types: bool) -> str:

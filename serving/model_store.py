@@ -337,6 +337,20 @@ class ServingModel:
                               event_types=event_types)
         return self._call(signature, post, inline, history=history)
 
+    def live_retrieve_call(self, history: list[str], event_types: list[str] | None,
+                           exclude_seen: bool, live_vectors: np.ndarray) -> Future | None:
+        """Retrieval for a history that holds items added while serving, with their vectors
+        (`live_vectors` [len(history), score_dim], zeros for the others); None when this
+        version's export has no such signature."""
+        signature = self.retrieval.get(c.live_signature(exclude_seen))
+        if signature is None:
+            return None
+        kinds = event_types if event_types is not None else [""] * len(history)
+        live = self.view.snapshot.n if self.view is not None else 0
+        return self._call(signature, self.live.prefetch if live else None,
+                          live <= LIVE_INLINE_ROWS, history=history, event_types=kinds,
+                          live_vectors=live_vectors)
+
     def known_history(self, history: list[str], event_types: list[str] | None):
         """(catalog items of the history, their event types, unknown ids once each). Unknown
         ids are dropped here, as the graph would ignore them anyway; "" is padding."""

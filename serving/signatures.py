@@ -85,15 +85,45 @@ class _Base(tf.Module):
         # in training, so the user tower sees inputs like those it was trained on.
         self.default_event = default_event
 
-    def user_vectors(self, history: tf.Tensor, event_types: tf.Tensor | None):
-        """-> (query vectors [batch, score_dim], all history idx [batch, n] for exclusion)."""
+    def user_vectors(self, history: tf.Tensor, event_types: tf.Tensor | None,
+                     live: tf.Tensor | None = None):
+        """-> (query vectors [batch, score_dim], all history idx [batch, n] for exclusion).
+
+        `live` [batch, n, score_dim]: the scored vector of each history entry the catalog does
+        not know (items added while serving, placed by the item tower; zeros elsewhere): such
+        an entry counts as an item with that vector, as a never-trained catalog item would."""
         idx = self.lookup.items(history)
         kinds = (self.lookup.events(event_types) if event_types is not None
                  else tf.zeros_like(idx))
         kinds = tf.where(kinds > 0, kinds, tf.fill(tf.shape(kinds), self.default_event))
-        items, kinds = newest_left_padded(idx, kinds, self.max_len)
-        vectors = tf.gather(self.item_inputs, items)  # [batch, max_len, dim]
-        skip = None if self.skip_vectors is None else tf.gather(self.skip_vectors, items)
+        catalog = self.item_vectors.shape[0] - 1
+        live_rows = None
+        with_live = idx
+        if live is not None:
+            # A live entry becomes the pseudo id catalog + 1 + its flat position, read from
+            # live_rows (row 0 of which is a zero row, so no gather is ever out of range).
+            width = tf.shape(live)[-1]
+            live_rows = tf.concat([tf.zeros([1, width], tf.float32),
+                                   tf.reshape(tf.cast(live, tf.float32), [-1, width])], 0)
+            flat = tf.reshape(tf.range(tf.size(idx), dtype=idx.dtype), tf.shape(idx))
+            has_live = (idx == 0) & tf.reduce_any(tf.not_equal(live, 0.0), axis=-1)
+            with_live = tf.where(has_live, catalog + 1 + flat, idx)
+        items, kinds = newest_left_padded(with_live, kinds, self.max_len)
+
+        def rows(table, ids, live_columns=None):
+            """table[ids], live rows for pseudo ids (their first live_columns columns)."""
+            known = tf.gather(table, tf.minimum(ids, catalog))
+            if live_rows is None:
+                return known
+            extra = tf.gather(live_rows if live_columns is None
+                              else live_rows[:, :live_columns],
+                              tf.maximum(ids - catalog, 0))
+            return tf.where((ids > catalog)[..., None], tf.cast(extra, known.dtype), known)
+
+        vectors = rows(self.item_inputs, items, self.dim)  # [batch, max_len, dim]
+        skip = None
+        if self.skip_vectors is not None:  # the text channel knows catalog items only
+            skip = tf.gather(self.skip_vectors, tf.where(items > catalog, 0, items))
         encoded = self.user_tower(vectors, items > 0,
                                   event_types=kinds if self.use_events else None,
                                   training=False, skip=skip)
@@ -101,8 +131,9 @@ class _Base(tf.Module):
         if self.content is not None:
             # The content term reads the newest item only (left-padded: the last column).
             real = items > 0
-            _, text, _ = split_content(tf.gather(self.item_vectors, items[:, -1]), self.dim)
-            beta = self.content.beta(tf.gather(self.log_counts, items), real)[:, -1]
+            _, text, _ = split_content(rows(self.item_vectors, items[:, -1]), self.dim)
+            counts = tf.gather(self.log_counts, tf.where(items > catalog, 0, items))  # live: 0
+            beta = self.content.beta(counts, real)[:, -1]
             query = self.content.query(beta, text, real[:, -1])  # [batch, text_dim + 1]
             users = tf.concat([users, query], axis=1)
         return users, idx
@@ -121,8 +152,8 @@ class BruteForceRetrieval(_Base):
         super().__init__(*args, **kwargs)
         self.k = k
 
-    def top_k(self, history, event_types, exclude_seen: bool):
-        users, history_idx = self.user_vectors(history, event_types)
+    def top_k(self, history, event_types, exclude_seen: bool, live=None):
+        users, history_idx = self.user_vectors(history, event_types, live)
         scores = tf.matmul(users, self.item_vectors, transpose_b=True)  # [batch, items + 1]
         num = tf.shape(scores)[1]
         mask = tf.one_hot(0, num, on_value=True, off_value=False)[None, :]
@@ -153,8 +184,8 @@ class ScannRetrieval(_Base):
         super().__init__(*args, **kwargs)
         self.k, self.index, self.max_fetch = k, index, max_fetch
 
-    def top_k(self, history, event_types, exclude_seen: bool):
-        users, history_idx = self.user_vectors(history, event_types)
+    def top_k(self, history, event_types, exclude_seen: bool, live=None):
+        users, history_idx = self.user_vectors(history, event_types, live)
         fetch = tf.constant(self.k)
         if exclude_seen:
             # Over-fetch by the longest history so k items survive the exclusion.
@@ -221,7 +252,19 @@ def add_signatures(module: tf.Module, kind: str) -> dict:
     module.serve_search = tf.function(module.search, input_signature=[
         tf.TensorSpec([None, module.item_vectors.shape[1]], tf.float32, name=c.QUERY),
         tf.TensorSpec([], tf.int32, name=c.FETCH)])
+    live = tf.TensorSpec([None, None, module.item_vectors.shape[1]], tf.float32,
+                         name=c.LIVE_VECTORS)
+    module.serve_live = tf.function(
+        lambda history, event_types, live_vectors: module.top_k(history, event_types, True,
+                                                                live_vectors),
+        input_signature=[history, events, live])
+    module.serve_live_all = tf.function(
+        lambda history, event_types, live_vectors: module.top_k(history, event_types, False,
+                                                                live_vectors),
+        input_signature=[history, events, live])
     return {c.SEARCH: module.serve_search,
+            c.live_signature(True): module.serve_live,
+            c.live_signature(False): module.serve_live_all,
             c.retrieval_signature(True, False): module.serve,
             c.retrieval_signature(True, True): module.serve_events,
             c.retrieval_signature(False, False): module.serve_all,

@@ -333,3 +333,45 @@ def test_prepare_data_reads_the_live_database(tmp_path):
     assert main(["--source", "events", "--live-db", f"sqlite:///{tmp_path}/empty.db", "--out",
                  str(tmp_path / "none")]) == 2
     assert not (tmp_path / "none").exists()
+
+
+def test_live_history_signature_reads_live_vectors_as_items(version1):
+    """A history entry the catalog does not know, given with a vector, counts as an item with
+    that vector: with an exported item's own vector under a new id, the query equals the
+    query of the history that names the exported item."""
+    exported = pd.read_parquet(version1 / c.ITEM_EMBEDDINGS)
+    table = dict(zip(exported["item_id"], np.stack(exported["embedding"].to_numpy())))
+    model = tf.saved_model.load(str(version1 / c.RETRIEVAL_BRUTEFORCE))
+    plain = model.signatures[c.WITH_EVENT_TYPES]
+    live = model.signatures[c.LIVE_HISTORY]
+    history, kinds = ["SKU0003", "SKU0004", "SKU0005"], ["view", "purchase", "view"]
+    vectors = np.zeros((1, 3, len(table["SKU0004"])), np.float32)
+    vectors[0, 1] = table["SKU0004"]
+    want = plain(history=tf.constant([history]), event_types=tf.constant([kinds]))
+    got = live(history=tf.constant([["SKU0003", "NEW-4", "SKU0005"]]),
+               event_types=tf.constant([kinds]), live_vectors=tf.constant(vectors))
+    np.testing.assert_allclose(got[c.QUERY].numpy(), want[c.QUERY].numpy(), atol=1e-5)
+    # Without the vector the new id is padding: another query.
+    none = live(history=tf.constant([["SKU0003", "NEW-4", "SKU0005"]]),
+                event_types=tf.constant([kinds]), live_vectors=tf.constant(vectors * 0))
+    assert not np.allclose(none[c.QUERY].numpy(), want[c.QUERY].numpy(), atol=1e-3)
+
+
+def test_a_user_who_bought_only_a_new_item_gets_recommendations_from_it(root, version1):
+    twin = pd.read_parquet(version1 / c.ITEMS).iloc[7]
+    with served(root) as client:
+        client.put("/items/NEW-7", headers=ADMIN, json={
+            "text": twin["text"], "category": twin["category"], "brand": twin["brand"],
+            "price": float(twin["price"])})
+        client.post("/events", headers=ADMIN, json={"user_id": "fresh-user",
+                                                    "item_id": "NEW-7"})
+        answer = client.get("/recommendations/fresh-user", params={"k": 10}).json()
+        session = client.post("/recommendations", json={"history": ["NEW-7"], "k": 10,
+                                                        "event_types": ["purchase"]}).json()
+        popular = client.post("/recommendations", json={"history": [], "k": 10}).json()
+    assert not answer["fallback"] and not answer["unknown_items"]
+    assert [r["item_id"] for r in answer["recommendations"]] == [
+        r["item_id"] for r in session["recommendations"]]
+    assert "NEW-7" not in [r["item_id"] for r in answer["recommendations"]]
+    assert [r["item_id"] for r in answer["recommendations"]] != [
+        r["item_id"] for r in popular["recommendations"]]

@@ -19,7 +19,8 @@ from tensorflow_serving.config import model_server_config_pb2
 ROOT = Path(__file__).resolve().parents[1]
 STOCK_MODELS = {"retrieval_bruteforce", "ranking", "item_tower"}
 RETRIEVAL_SIGNATURES = {"serving_default", "with_event_types", "include_seen",
-                        "include_seen_with_event_types", "search"}
+                        "include_seen_with_event_types", "search", "live_history",
+                        "live_history_include_seen"}
 SIGNATURES = {"retrieval_bruteforce": RETRIEVAL_SIGNATURES, "retrieval": RETRIEVAL_SIGNATURES,
               "ranking": {"serving_default", "with_event_types"},
               "item_tower": {"serving_default"}}
