@@ -373,6 +373,25 @@ class LiveState:
             except Exception:  # noqa: BLE001  (the poller must outlive one bad batch)
                 log.exception("applying live changes failed")
 
+    def prune(self, through: int) -> int:
+        """Forget the events at or below sequence number `through`: every loaded version was
+        trained on them (their exports' `events_through`), so no answer reads them. Returns how
+        many were dropped. Keeps memory bounded by what happened since the oldest loaded
+        export."""
+        dropped = 0
+        with self._lock:
+            for user in list(self.events):
+                events = self.events[user]
+                kept = [event for event in events if event.seq > through]
+                dropped += len(events) - len(kept)
+                if kept:
+                    self.events[user] = kept
+                else:
+                    del self.events[user]
+        if dropped:
+            log.info("dropped %d events every loaded version was trained on", dropped)
+        return dropped
+
     # ---- what requests read ----
     def user_events(self, user_id: str, after_seq: int = 0) -> list[Event]:
         return [e for e in self.events.get(user_id, ()) if e.seq > after_seq]

@@ -670,6 +670,9 @@ class ModelStore:
         dropped = set(before_loaded) - set(loaded)
         if dropped:
             log.info("unloaded model version(s) %s", sorted(dropped))
+        if loaded and (changed or dropped):  # events all loaded versions were trained on
+            self.live.prune(min(int(m.metadata.get("events_through") or 0)
+                                for m in loaded.values()))
         del before, before_loaded  # let the collection below free replaced models
         if changed or dropped:
             _settle_memory()

@@ -375,3 +375,17 @@ def test_a_user_who_bought_only_a_new_item_gets_recommendations_from_it(root, ve
     assert "NEW-7" not in [r["item_id"] for r in answer["recommendations"]]
     assert [r["item_id"] for r in answer["recommendations"]] != [
         r["item_id"] for r in popular["recommendations"]]
+
+
+def test_events_every_loaded_version_was_trained_on_are_forgotten(tmp_path):
+    from serving.live import LiveState
+
+    db = Database(f"sqlite:///{tmp_path}/live.db")
+    db.add_events([("a", "SKU0001", "view", 1.0), ("a", "SKU0002", "view", 2.0),
+                   ("b", "SKU0003", "view", 3.0)])
+    live = LiveState(db, poll_seconds=0)
+    live.sync()
+    assert live.prune(0) == 0
+    assert live.prune(2) == 2  # seq 1 and 2: user a's
+    assert list(live.events) == ["b"] and live.user_events("b")[0].item_id == "SKU0003"
+    live.stop()
