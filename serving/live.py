@@ -74,14 +74,6 @@ class ItemFilter:
         return any((self.include_categories, self.exclude_categories, self.include_brands,
                     self.exclude_brands, self.include_items, self.exclude_items))
 
-    def passes(self, item_id: str, category: str, brand: str) -> bool:
-        return ((not self.include_items or item_id in self.include_items)
-                and item_id not in self.exclude_items
-                and (not self.include_categories or category in self.include_categories)
-                and category not in self.exclude_categories
-                and (not self.include_brands or brand in self.include_brands)
-                and brand not in self.exclude_brands)
-
 
 class ItemEmbedder:
     """A version's item tower SavedModel and tokenizer: live items -> scored vectors."""
@@ -408,13 +400,15 @@ class LiveRetrieval:
         self.model, self.view = model, view
 
     def exported_passes(self, snap: Snapshot, flt: ItemFilter, seen: set[str]):
+        """item id -> whether that exported item may be returned (the filter's mask once)."""
         model = self.model
+        passing = model.filter_mask(flt) if flt else None
 
         def ok(item: str) -> bool:
             row = model.embedding_row.get(item)
             if row is None or snap.blocked[row] or item in seen:
                 return False
-            return not flt or flt.passes(item, model.category_of(row), model.brand_of(row))
+            return passing is None or bool(passing[row])
         return ok
 
     def allowed_rows(self, snap: Snapshot, flt: ItemFilter, seen: set[str]) -> np.ndarray:

@@ -153,12 +153,6 @@ class ServingModel:
         """Training interactions per embedding row."""
         return np.array([self.counts.get(i, 0.0) for i in self.embedding_ids.tolist()])
 
-    def category_of(self, row: int) -> str:
-        return self.categories[self.category_codes[row]]
-
-    def brand_of(self, row: int) -> str:
-        return self.brands[self.brand_codes[row]]
-
     def filter_mask(self, flt) -> np.ndarray:
         """Exported rows an ItemFilter lets through: bool [items]."""
         mask = np.ones(len(self.embedding_ids), bool)

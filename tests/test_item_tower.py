@@ -50,7 +50,6 @@ def test_item_tower_equals_the_cold_path_of_training(tiny_export):
     odd = items.head(2).assign(category=["", "no-such-category"], brand="", price=np.nan)
     again = embed_catalog(version, odd)[c.ITEM_VECTORS]
     assert not np.allclose(again, out[c.ITEM_VECTORS][:2])
-    np.testing.assert_allclose(again[0], again[0])  # finite
     assert np.isfinite(again).all()
 
 

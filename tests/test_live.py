@@ -203,12 +203,6 @@ class FakeModel:
         self.brands = [""]
         self.k, self.max_fetch, self.searches = k, n, []
 
-    def category_of(self, row):
-        return self.categories[self.category_codes[row]]
-
-    def brand_of(self, row):
-        return ""
-
     def filter_mask(self, flt):
         names = np.array(self.categories)[self.category_codes]
         mask = np.ones(len(names), bool)
