@@ -26,7 +26,7 @@ import tensorflow as tf  # noqa: E402
 
 from towers.model import TwoTowerModel  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.data import load_training_data, model_spec  # noqa: E402
+from training.data import load_training_data, model_spec, retrieval_mode  # noqa: E402
 from training.features import install_features  # noqa: E402
 from training.fit import training_dataset  # noqa: E402
 from training.optimizers import make_optimizer  # noqa: E402
@@ -34,6 +34,39 @@ from training.optimizers import make_optimizer  # noqa: E402
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def first_batches(data, config: TrainConfig, spec, count: int) -> list[dict]:
+    """The training run's own first `count` batches (length-bucketed windows)."""
+    batches = []
+    for batch in training_dataset(data.windows, config.batch_size, config.seed,
+                                  spec.num_event_types > 0, config.bucket_batches):
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
+def time_steps(data, config: TrainConfig, spec, optimizer: str, batches: list[dict],
+               warmup: int) -> tuple[float, float]:
+    """(positions/s, seconds/step) of a freshly built model's training step over `batches`,
+    the first `warmup` untimed."""
+    tf.keras.utils.set_random_seed(config.seed)
+    model = TwoTowerModel.from_spec(spec, data.positions_per_batch(config))
+    install_features(model, data.features, data.popularity, spec.text_pooling,
+                     spec.finetune_layers)
+    model.compile(optimizer=make_optimizer(optimizer, config.lr, config.adam_beta2))
+    step = tf.function(model.train_step, reduce_retracing=True)
+    for batch in batches[:warmup]:
+        step(batch)
+    timed = batches[warmup:]
+    positions = sum(int(tf.reduce_sum(tf.cast(b["targets"] > 0, tf.int32))) for b in timed)
+    began = time.perf_counter()
+    for batch in timed:
+        loss = step(batch)["loss"]
+    float(loss)  # wait for the last step
+    seconds = time.perf_counter() - began
+    return positions / seconds, seconds / max(len(timed), 1)
 
 
 def main() -> None:
@@ -54,38 +87,16 @@ def main() -> None:
                          num_negatives=args.num_negatives)
     started = time.time()
     data = load_training_data(config, args.data)
-    spec = model_spec(config, data)
+    spec = model_spec(config, data, retrieval_mode(config, data, on_gpu=False).mode)
     print(f"{args.data}: {spec.num_items:,} items, {len(data.windows['history']):,} windows, "
           f"{data.positions:,} positions/epoch; loaded in {time.time() - started:.0f}s, "
           f"peak RSS {peak_rss_gb():.2f} GB", flush=True)
-    batches = []
-    for batch in training_dataset(data.windows, config.batch_size, config.seed,
-                                  spec.num_event_types > 0, config.bucket_batches):
-        batches.append(batch)
-        if len(batches) == args.warmup + args.steps:
-            break
-    positions = sum(int(tf.reduce_sum(tf.cast(b["targets"] > 0, tf.int32)))
-                    for b in batches[args.warmup:])
-
+    batches = first_batches(data, config, spec, args.warmup + args.steps)
     rows = []
     for name in args.optimizers:
-        tf.keras.utils.set_random_seed(config.seed)
-        model = TwoTowerModel.from_spec(spec, data.positions_per_batch(config))
-        install_features(model, data.features, data.popularity, spec.text_pooling,
-                         spec.finetune_layers)
-        model.compile(optimizer=make_optimizer(name, config.lr, config.adam_beta2))
-        step = tf.function(model.train_step, reduce_retracing=True)
-        for batch in batches[:args.warmup]:
-            step(batch)
-        began = time.perf_counter()
-        for batch in batches[args.warmup:]:
-            loss = step(batch)["loss"]
-        float(loss)  # wait for the last step
-        seconds = time.perf_counter() - began
-        rows.append((name, positions / seconds, seconds / args.steps, peak_rss_gb()))
-        print(f"{name}: {positions / seconds:,.0f} positions/s, "
-              f"{1000 * seconds / args.steps:.0f} ms/step", flush=True)
-        del model, step
+        rate, per_step = time_steps(data, config, spec, name, batches, args.warmup)
+        rows.append((name, rate, per_step, peak_rss_gb()))
+        print(f"{name}: {rate:,.0f} positions/s, {1000 * per_step:.0f} ms/step", flush=True)
 
     print(f"\n{spec.num_items:,} items, SASRec dim {config.dim}, length {config.max_seq_len}, "
           f"batch {config.batch_size}, {args.negatives} softmax"

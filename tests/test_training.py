@@ -16,6 +16,9 @@ from support import train_tiny, write_processed, write_tiny_distilbert
 
 from training.cli import train_parser
 from training.config import TrainConfig, config_from_args
+from training.data import expected_pool, load_training_data, retrieval_mode
+from training.precision import CPU_BF16_FLAGS, cpu_flags
+from training.scoring import VALID_MIN_SECONDS, validation_interval, validation_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,15 +140,16 @@ def test_sampled_softmax_and_cold_items(tmp_path):
 
 
 def test_finetune_mirrored_mixed_precision_on_cpu(tmp_path):
-    try:
+    try:  # float16 forced: emulated on this CPU, but the loss-scaled path runs
         _, _, metrics = train_tiny(tmp_path, epochs=1, text_model="tiny", export=False,
                                    text_mode="finetune", negatives="sampled", num_negatives=8,
-                                   distribute="mirrored", mixed_precision="on")
+                                   distribute="mirrored", mixed_precision="float16")
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")
     assert np.isfinite(metrics["test"]["ndcg@10"])
     run = json.loads((tmp_path / "run" / "metadata.json").read_text())
     assert run["strategy"] == "MirroredStrategy" and run["precision"] == "mixed_float16"
+    assert run["precision_reason"] == "--mixed-precision float16"
 
 
 def test_config_file_then_flags(tmp_path):
@@ -182,6 +186,13 @@ def test_cli_errors_exit_nonzero(tmp_path):
                           "--content-term", "on"], tmp_path)
     assert no_text.returncode == 2 and "content_term" in no_text.stderr
     assert "Traceback" not in no_text.stderr
+    if not cpu_flags() & set(CPU_BF16_FLAGS):  # a CPU without 16-bit arithmetic: refused
+        data = write_processed(tmp_path / "data")
+        on = _run_train(["--data", str(data), "--out", "o", "--mixed-precision", "on"],
+                        tmp_path)
+        assert on.returncode == 2 and "--mixed-precision on" in on.stderr
+        assert "amx_bf16" in on.stderr and "Traceback" not in on.stderr
+        assert not (tmp_path / "runs").exists()  # nothing written
 
 
 @pytest.mark.parametrize("settings, named", [
@@ -191,3 +202,53 @@ def test_cli_errors_exit_nonzero(tmp_path):
 def test_content_settings_that_cannot_work_are_refused(settings, named):
     with pytest.raises(ValueError, match=named):
         TrainConfig(**settings).validate()
+
+
+def test_expected_pool_matches_sampling():
+    rng = np.random.default_rng(0)
+    popularity = np.concatenate([[0.0], rng.pareto(1.5, 500) + 0.01])
+    popularity /= popularity.sum()
+    sizes = [len(np.unique(np.concatenate([rng.choice(501, 300, p=popularity),
+                                           rng.integers(1, 501, 100)])))
+             for _ in range(200)]
+    assert expected_pool(popularity, 300, 100) == pytest.approx(np.mean(sizes), rel=0.02)
+
+
+def test_auto_negatives_follow_the_pool_share(tmp_path):
+    data_dir = write_processed(tmp_path / "data")
+    config = TrainConfig(text_model="none", max_seq_len=8)
+    data = load_training_data(config, data_dir)
+    # big batches cover the small catalog: sampling would save nothing
+    assert retrieval_mode(config, data, on_gpu=False).mode == "full"
+    few = TrainConfig(text_model="none", max_seq_len=8, batch_size=1, num_negatives=1)
+    choice = retrieval_mode(few, data, on_gpu=False)
+    assert choice.mode == "sampled" and "of" in choice.reason
+    assert retrieval_mode(few, data, on_gpu=True).mode == "full"  # the cap alone on a GPU
+    capped = TrainConfig(text_model="none", full_softmax_max_items=3)
+    assert retrieval_mode(capped, data, on_gpu=True).mode == "sampled"
+    assert retrieval_mode(TrainConfig(negatives="full", batch_size=1, num_negatives=1), data,
+                          on_gpu=False).mode == "full"
+
+
+def test_validation_users_and_interval():
+    assert validation_rows(3000, 3600, "auto", 0)[0] is None  # the dev sets stay whole
+    rows, reason = validation_rows(30_000, 24_000, "auto", 0)
+    assert len(rows) == 4166 and len(set(rows)) == 4166 and "subset" in reason
+    assert np.array_equal(rows, validation_rows(30_000, 24_000, "auto", 0)[0])  # fixed
+    assert len(validation_rows(30_000, 1_000_000, "auto", 0)[0]) == 2000
+    assert validation_rows(30_000, 24_000, "0", 0)[0] is None
+    assert len(validation_rows(30_000, 24_000, "500", 0)[0]) == 500
+    assert validation_interval("auto", VALID_MIN_SECONDS - 1, 0.1, 10) == 1
+    assert validation_interval("auto", 10.0, 40.0, 10) == 1  # 20% already
+    assert validation_interval("auto", 10.0, 20.0, 10) == 2
+    assert validation_interval("auto", 60.0, 10.0, 10) == 5  # capped at patience / 2
+    assert validation_interval("3", 60.0, 10.0, 10) == 3
+
+
+def test_validation_every_n_epochs_and_the_last(tmp_path):
+    run_dir, _, metrics = train_tiny(tmp_path, epochs=5, text_model=None, export=False,
+                                     valid_every="2", patience=20)
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["val_ndcg@10"].notna().tolist() == [True, False, True, False, True]
+    assert metrics["validation"]["validations"] == 3
+    assert metrics["best_epoch"] in (1, 3, 5)

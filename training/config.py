@@ -72,13 +72,20 @@ class TrainConfig:
     patience: int = 10  # epochs without valid NDCG@10 improvement before stopping
     time_budget_minutes: float = 0.0  # 0 = no budget
     seed: int = 42
-    mixed_precision: str = "auto"  # auto (on with a GPU) | on | off
+    # auto (bfloat16 on GPUs >= 8.0, float16 on older ones, float32 on CPUs) | on (refused
+    # without 16-bit hardware) | off | bfloat16 | float16 (forced): training/precision.py
+    mixed_precision: str = "auto"
     # auto (mirrored with >1 GPU) | mirrored | multiworker | parameter_server | none; the last
     # two read the cluster from TF_CONFIG (training/cluster.py)
     distribute: str = "auto"
     ps_shards: int = 0  # parameter_server: shards of each item table (0 = one per ps task)
     # evaluation
-    valid_users: int = 0  # 0 = all users; else a fixed random subset for per-epoch validation
+    # users validated after an epoch: auto (all while users x items <= VALID_SCORES, else a
+    # fixed seeded subset; training/scoring.py) | 0 = all | n = a fixed random subset of n
+    valid_users: str = "auto"
+    # validate every n epochs, or auto: as often as keeps validation near VALID_SHARE of the
+    # training time (measured as the run goes)
+    valid_every: str = "auto"
     test_users: int = 0  # 0 = all users (the protocol); else a fixed random subset, reported
     eval_batch_size: int = 512
     sampled_negatives: int = 100
@@ -95,7 +102,7 @@ class TrainConfig:
                    "text_pooling": ("mean", "cls"), "sasrec_layout": ("sasrec", "pre_ln"),
                    "train_windows": ("last", "all"), "negatives": ("auto", "full", "sampled"),
                    "ranking_target": ("auto", "rating", "purchase", "none"),
-                   "mixed_precision": ("auto", "on", "off"),
+                   "mixed_precision": ("auto", "on", "off", "bfloat16", "float16"),
                    "optimizer": ("auto", "adam", "lazy_adam"), "id_init": ("random", "text"),
                    "content_term": ("auto", "on", "off"),
                    "distribute": ("auto", "mirrored", "multiworker", "parameter_server",
@@ -112,6 +119,12 @@ class TrainConfig:
                              f"num_heads={self.num_heads}")
         if self.text_experts < 0:
             raise ValueError(f"config text_experts must be >= 0, got {self.text_experts}")
+        for name in ("valid_users", "valid_every"):
+            value = str(getattr(self, name))
+            if value != "auto" and not (value.isdigit() and
+                                        int(value) >= (name == "valid_every")):
+                raise ValueError(f"config {name} must be 'auto' or a whole number >= "
+                                 f"{int(name == 'valid_every')}, got {value!r}")
         for name in ("dropout", "id_dropout"):
             value = str(getattr(self, name))
             if value == "auto":

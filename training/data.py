@@ -43,11 +43,14 @@ class TrainingData:
         """Next-item targets per epoch."""
         return int((self.windows["targets"] > 0).sum())
 
+    def mean_batch_positions(self, batch_size: int) -> float:
+        return self.positions / math.ceil(len(self.windows["targets"]) / batch_size)
+
     def positions_per_batch(self, config: TrainConfig) -> float:
         """Mean positions per batch, the loss weight of length-bucketed batches (0 = off)."""
         if config.bucket_batches <= 1:
             return 0.0
-        return self.positions / math.ceil(len(self.windows["targets"]) / config.batch_size)
+        return self.mean_batch_positions(config.batch_size)
 
 
 def load_training_data(config: TrainConfig, data_dir: str | Path) -> TrainingData:
@@ -70,12 +73,50 @@ def ranking_mode(config: TrainConfig, seqs: Sequences) -> str:
     return "rating" if seqs.event_vocab == ["rating"] else "purchase"
 
 
-def retrieval_mode(config: TrainConfig, num_items: int) -> str:
+# `--negatives auto` on a CPU: the sampled softmax where its pool of columns (the batch's
+# distinct targets + the uniform negatives) is at most this share of the catalog. A step's
+# retrieval cost follows the columns scored at every position, so below it the sampled step
+# is markedly cheaper; above it the two cost about the same and the full softmax is exact
+# (bench/bench_negatives.py measures both over catalog sizes; README "Training speed").
+SAMPLED_POOL_SHARE = 0.5
+
+
+def expected_pool(popularity: np.ndarray, positions: float, negatives: int) -> float:
+    """Expected distinct items in a sampled-softmax pool: `positions` targets drawn by
+    `popularity` ([num_items + 1], row 0 padding) and `negatives` uniform draws."""
+    share = popularity[1:]
+    absent = (1.0 - share) ** positions * (1.0 - 1.0 / max(len(share), 1)) ** negatives
+    return float((1.0 - absent).sum())
+
+
+@dataclass(frozen=True)
+class RetrievalChoice:
+    mode: str  # full | sampled
+    reason: str
+
+
+def retrieval_mode(config: TrainConfig, data: TrainingData, on_gpu: bool) -> RetrievalChoice:
+    """The retrieval softmax: as configured, or `auto`: sampled with a fine-tuned encoder or
+    above `full_softmax_max_items`; on a CPU also where the expected pool is at most
+    SAMPLED_POOL_SHARE of the catalog; else full."""
+    num_items = data.seqs.num_items
     if config.negatives != "auto":
-        return config.negatives
-    if config.text_mode == "finetune" or num_items > config.full_softmax_max_items:
-        return "sampled"
-    return "full"
+        return RetrievalChoice(config.negatives, f"--negatives {config.negatives}")
+    if config.text_mode == "finetune":
+        return RetrievalChoice("sampled", "a fine-tuned text encoder cannot run over the "
+                               "whole catalog every step")
+    if num_items > config.full_softmax_max_items:
+        return RetrievalChoice("sampled", f"{num_items:,} items > full_softmax_max_items "
+                               f"{config.full_softmax_max_items:,}")
+    if on_gpu:
+        return RetrievalChoice("full", f"GPU, {num_items:,} items <= full_softmax_max_items")
+    pool = expected_pool(data.popularity, data.mean_batch_positions(config.batch_size),
+                         config.num_negatives)
+    share = pool / max(num_items, 1)
+    mode = "sampled" if share <= SAMPLED_POOL_SHARE else "full"
+    return RetrievalChoice(mode, f"CPU: a sampled pool would hold ~{pool:,.0f} of "
+                           f"{num_items:,} items ({share:.0%}; sampled at <= "
+                           f"{SAMPLED_POOL_SHARE:.0%})")
 
 
 AUTO_ID_DROPOUT = 0.3
@@ -134,7 +175,9 @@ def dropout_rate(config: TrainConfig, data: TrainingData) -> float:
     return SPARSE_DROPOUT if per_user < SPARSE_EVENTS_PER_USER else DENSE_DROPOUT
 
 
-def model_spec(config: TrainConfig, data: TrainingData) -> ModelSpec:
+def model_spec(config: TrainConfig, data: TrainingData, retrieval: str) -> ModelSpec:
+    """The model's shape and its data-derived choices; `retrieval` the softmax mode
+    (retrieval_mode's choice)."""
     seqs, features = data.seqs, data.features
     mode = ranking_mode(config, seqs)
     pos_weight = 1.0
@@ -150,7 +193,7 @@ def model_spec(config: TrainConfig, data: TrainingData) -> ModelSpec:
         event_vocab=seqs.event_vocab, default_event=default_event,
         text_dim=features.text_dim, text_tokens=features.text_tokens,
         text_source=features.text_source, meta_sizes=features.meta_sizes,
-        ranking_mode=mode, retrieval_mode=retrieval_mode(config, seqs.num_items),
+        ranking_mode=mode, retrieval_mode=retrieval,
         purchase_pos_weight=pos_weight, user_tower=config.user_tower, dim=config.dim,
         max_seq_len=config.max_seq_len, num_blocks=config.num_blocks,
         num_heads=config.num_heads, dropout=dropout_rate(config, data),

@@ -16,23 +16,20 @@ from towers import run_dir as run_files
 from towers.model import TwoTowerModel
 from training.cluster import ClusterTask, parameter_server_strategy
 from training.config import TrainConfig
+from training.precision import Precision
 
 log = logging.getLogger(__name__)
 
 
-def make_strategy(config: TrainConfig, task: ClusterTask,
+def make_strategy(config: TrainConfig, task: ClusterTask, precision: Precision,
                   catalog_rows: int = 0) -> tf.distribute.Strategy:
     """The strategy of `config.distribute`: MirroredStrategy over every visible GPU (or as
     asked), MultiWorkerMirroredStrategy or ParameterServerStrategy over TF_CONFIG's cluster
     (`task`; item tables of `catalog_rows` rows sharded across the ps tasks), else the default.
-
-    Mixed precision is switched on with GPUs (float16 compute, float32 variables).
+    Sets the Keras policy of `precision` (training/precision.py) first.
     """
     gpus = tf.config.list_physical_devices("GPU")
-    if config.mixed_precision == "on" or (config.mixed_precision == "auto" and gpus):
-        tf.keras.mixed_precision.set_global_policy("mixed_float16")
-    else:
-        tf.keras.mixed_precision.set_global_policy("float32")
+    tf.keras.mixed_precision.set_global_policy(precision.policy)
     if task.mode == "parameter_server":
         return parameter_server_strategy(task, config.ps_shards, catalog_rows)
     if task.mode == "multiworker":

@@ -161,8 +161,9 @@ def curves_png(history: pd.DataFrame) -> bytes:
     fig, (loss, valid, speed) = _pyplot().subplots(1, 3, figsize=(14, 3.6))
     loss.plot(epoch, history["loss"], marker="o")
     loss.set(xlabel="epoch", title="training loss")
-    valid.plot(epoch, history["val_ndcg@10"], marker="o", label="NDCG@10")
-    valid.plot(epoch, history["val_hr@10"], marker="o", label="HR@10")
+    checked = history.dropna(subset=["val_ndcg@10"])  # epochs validated (training/scoring.py)
+    valid.plot(checked["epoch"] + 1, checked["val_ndcg@10"], marker="o", label="NDCG@10")
+    valid.plot(checked["epoch"] + 1, checked["val_hr@10"], marker="o", label="HR@10")
     valid.set(xlabel="epoch", title="validation (full catalog)")
     valid.legend()
     if "positions_per_second" in history:

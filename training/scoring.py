@@ -4,6 +4,7 @@ valid NDCG@10 and the best checkpoint, and the one test evaluation at the end.""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -54,8 +55,48 @@ def subset(n: int, size: int, seed: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
 
 
+# valid_users auto: every user while one validation scores at most VALID_SCORES (user, item)
+# pairs, else a fixed seeded subset that does, of at least VALID_MIN_USERS users. The dev sets
+# (3K-4K users x 3.6K items) stay whole; a 30,000-user x 24,000-item catalog gets 4,166 users.
+VALID_SCORES = 100_000_000
+VALID_MIN_USERS = 2_000
+# valid_every auto: validate every k epochs, k the smallest keeping validation at most this
+# share of the time spent training and validating (k <= patience / 2, so early stopping still
+# sees at least two validations before it gives up)
+VALID_SHARE = 0.2
+VALID_MIN_SECONDS = 5.0  # a validation this short is never skipped
+
+
+def validation_rows(users: int, num_items: int, setting: str,
+                    seed: int) -> tuple[np.ndarray | None, str]:
+    """The validation rows of `valid_users` (None = all) and why."""
+    if setting != "auto":
+        size = int(setting)
+        return subset(users, size, seed), (f"--valid-users {size}" if size else "all users")
+    if users * num_items <= VALID_SCORES:
+        return None, f"all {users:,} users ({users:,} x {num_items:,} items <= {VALID_SCORES:,})"
+    size = max(VALID_MIN_USERS, VALID_SCORES // max(num_items, 1))
+    return subset(users, size, seed), (f"a fixed subset of {min(size, users):,} of {users:,} "
+                                       f"users (seed; {users:,} x {num_items:,} items > "
+                                       f"{VALID_SCORES:,} scores)")
+
+
+def validation_interval(setting: str, valid_seconds: float, epoch_seconds: float,
+                        patience: int) -> int:
+    """Epochs between validations: as configured, or 1 while a validation takes under
+    VALID_MIN_SECONDS, else the smallest k with validation at most VALID_SHARE of k epochs
+    plus one validation, capped at patience // 2."""
+    if setting != "auto":
+        return int(setting)
+    if valid_seconds < VALID_MIN_SECONDS:
+        return 1
+    k = math.ceil(valid_seconds * (1 - VALID_SHARE) / (VALID_SHARE * max(epoch_seconds, 1e-9)))
+    return int(min(max(k, 1), max(patience // 2, 1)))
+
+
 class ValidationCallback(tf.keras.callbacks.Callback):
-    """Valid NDCG@10 after each epoch; keeps the best weights, stops on patience or budget.
+    """Valid NDCG@10 after every `valid_every` epochs (and the last one); keeps the best
+    weights, stops on patience (in epochs) or budget.
 
     Logs the epoch's one line (loss, validation metrics, speed)."""
 
@@ -68,6 +109,8 @@ class ValidationCallback(tf.keras.callbacks.Callback):
         self.best, self.best_epoch, self.wait = -1.0, -1, 0
         self.started = time.time()
         self.epoch_times: list[float] = []
+        self.valid_times: list[float] = []
+        self.every, self.validated = 1, -1  # interval, last validated epoch
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = time.time()
@@ -75,26 +118,50 @@ class ValidationCallback(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.time() - self.epoch_start
         self.epoch_times.append(seconds)
+        logs = logs if logs is not None else {}
+        logs["epoch_seconds"] = seconds
+        logs["positions_per_second"] = self.positions / max(seconds, 1e-9)
+        budget = self.config.time_budget_minutes * 60
+        out_of_time = bool(budget and time.time() - self.started > budget)
+        last = out_of_time or epoch + 1 >= self.config.epochs
+        # Workers of a multi-worker cluster vote on stopping after every validation, so they
+        # must validate at the same epochs: every epoch, whatever their clocks say.
+        lockstep = isinstance(self.model.distribute_strategy,
+                              tf.distribute.MultiWorkerMirroredStrategy)
+        if epoch - self.validated < self.every and not (last or lockstep):
+            log.info("epoch %d: loss %.4f  (%.1fs, %s positions/s; validation every %d)",
+                     epoch + 1, logs.get("loss", float("nan")), seconds,
+                     f"{logs['positions_per_second']:,.0f}", self.every)
+            return
+        began = time.time()
         self.scorer.refresh()
         metrics = evaluate(self.scorer, self.scorer.data, self.num_items,
                            self.config.eval_batch_size, rows=self.rows)
-        logs = logs if logs is not None else {}
+        self.valid_times.append(time.time() - began)
         for name in ("hr@10", "ndcg@10", "mrr"):
             logs[f"val_{name}"] = metrics[name]
-        logs["epoch_seconds"] = seconds
-        logs["positions_per_second"] = self.positions / max(seconds, 1e-9)
-        log.info("epoch %d: loss %.4f  valid NDCG@10 %.4f  HR@10 %.4f  (%.1fs, %s positions/s)",
-                 epoch + 1, logs.get("loss", float("nan")), metrics["ndcg@10"],
-                 metrics["hr@10"], seconds, f"{logs['positions_per_second']:,.0f}")
+        log.info("epoch %d: loss %.4f  valid NDCG@10 %.4f  HR@10 %.4f  (%.1fs, %s positions/s; "
+                 "validation %.1fs)", epoch + 1, logs.get("loss", float("nan")),
+                 metrics["ndcg@10"], metrics["hr@10"], seconds,
+                 f"{logs['positions_per_second']:,.0f}", self.valid_times[-1])
+        self.wait += epoch - self.validated
+        self.validated = epoch
         if metrics["ndcg@10"] > self.best:
             self.best, self.best_epoch, self.wait = metrics["ndcg@10"], epoch, 0
             self.model.save_weights(str(self.checkpoint))
-        else:
-            self.wait += 1
-        budget = self.config.time_budget_minutes * 60
-        stop = self.wait >= self.config.patience or (budget and time.time() - self.started > budget)
+        self.every = validation_interval(self.config.valid_every, self.valid_times[-1],
+                                         float(np.median(self.epoch_times)),
+                                         self.config.patience)
+        stop = self.wait >= self.config.patience or out_of_time
         if _any_worker(self.model.distribute_strategy, bool(stop)):
             self.model.stop_training = True
+
+    def summary(self) -> dict:
+        """What validation cost and how it was scheduled, for the run's metrics."""
+        training, validating = float(sum(self.epoch_times)), float(sum(self.valid_times))
+        return {"validations": len(self.valid_times), "valid_every_last": self.every,
+                "validation_seconds": round(validating, 1),
+                "validation_share": round(validating / max(training + validating, 1e-9), 3)}
 
 
 def _any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:

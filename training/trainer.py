@@ -18,12 +18,13 @@ from towers import run_dir as run_files
 from towers.model import TwoTowerModel
 from training.cluster import ClusterTask, cluster_task, sharded_tables
 from training.config import TrainConfig
-from training.data import load_training_data, model_spec, write_run_tables
+from training.data import load_training_data, model_spec, retrieval_mode, write_run_tables
 from training.features import install_features
 from training.fit import device_name, fit, make_strategy
 from training.optimizers import make_optimizer, resolve_optimizer
+from training.precision import device_precision
 from training.report import write_report
-from training.scoring import UserScorer, ValidationCallback, score_test_split, subset
+from training.scoring import UserScorer, ValidationCallback, score_test_split, validation_rows
 from training.sequences import eval_set
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
 def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir: Path,
            export_dir: str | Path | None) -> dict:
     started = time.time()
+    precision = device_precision(config.mixed_precision)  # refuses before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / run_files.CONFIG)
     (run_dir / run_files.EXPORT_INFO).write_text(json.dumps({
@@ -63,15 +65,18 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
 
     if task.mode == "parameter_server":  # the item tables' partitioner needs the catalog size
         data = load_training_data(config, data_dir)
-        strategy = make_strategy(config, task, data.seqs.num_items + 1)
+        strategy = make_strategy(config, task, precision, data.seqs.num_items + 1)
     else:  # MultiWorkerMirroredStrategy wants to exist before TensorFlow runs anything
-        strategy = make_strategy(config, task)
+        strategy = make_strategy(config, task, precision)
         with strategy.scope():  # a fine-tuned text encoder's variables belong to the strategy
             data = load_training_data(config, data_dir)
     features, seqs = data.features, data.seqs
     if features.text_source != "none":
         log.info("text encoder: %s", features.text_source)
-    spec = model_spec(config, data)
+    retrieval = retrieval_mode(config, data, on_gpu=bool(tf.config.list_physical_devices("GPU")))
+    log.info("retrieval: %s softmax (%s); precision: %s (%s)", retrieval.mode,
+             retrieval.reason, precision.policy, precision.reason)
+    spec = model_spec(config, data, retrieval.mode)
     spec.save(run_dir / run_files.SPEC)
     write_run_tables(run_dir, data)
     use_events = spec.num_event_types > 0
@@ -89,9 +94,12 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
     valid = eval_set(seqs, "valid", config.max_seq_len)
     checkpoint = run_dir / run_files.CHECKPOINT
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    valid_rows, valid_reason = validation_rows(len(valid.target), seqs.num_items,
+                                               str(config.valid_users), config.seed)
+    log.info("validation: %s, every %s epoch(s)", valid_reason,
+             "auto" if config.valid_every == "auto" else config.valid_every)
     validation = ValidationCallback(UserScorer(model, valid, use_events), config,
-                                    seqs.num_items, checkpoint, data.positions,
-                                    subset(len(valid.target), config.valid_users, config.seed))
+                                    seqs.num_items, checkpoint, data.positions, valid_rows)
     log.info("training %s tower on %s sequences, %s positions/epoch, %s items (%s softmax, "
              "ranking: %s, %s) on %s", config.user_tower, f"{len(data.windows['history']):,}",
              f"{data.positions:,}", f"{seqs.num_items:,}", spec.retrieval_mode,
@@ -116,8 +124,10 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
         "positions_per_epoch": data.positions,
         "positions_per_second": data.positions / float(np.median(epoch_times)),
         "text_encoder": spec.text_source, "texts_encoded": features.texts_encoded,
-        "retrieval_mode": spec.retrieval_mode, "ranking_mode": spec.ranking_mode,
+        "retrieval_mode": spec.retrieval_mode, "retrieval_mode_reason": retrieval.reason,
+        "ranking_mode": spec.ranking_mode,
         "optimizer": optimizer, "id_dropout": spec.id_dropout, "dropout": spec.dropout,
+        "validation": {"users": valid_reason, **validation.summary()},
         "sampled_negatives": config.sampled_negatives,
         "sampled_metrics_note": f"sampled_* rank the target among {config.sampled_negatives} "
                                 "random unseen items"})
@@ -126,6 +136,6 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
         "replicas": strategy.num_replicas_in_sync,
         "cluster": {job: len(tasks) for job, tasks in task.cluster.items()},
         "item_table_shards": shards,
-        "precision": tf.keras.mixed_precision.global_policy().name,
+        "precision": precision.policy, "precision_reason": precision.reason,
         "wall_seconds": round(time.time() - started, 1)}, data.manifest, html=task.is_chief)
     return results
