@@ -96,8 +96,9 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     valid_rows, valid_reason = validation_rows(len(valid.target), seqs.num_items,
                                                str(config.valid_users), config.seed)
-    log.info("validation: %s, every %s epoch(s)", valid_reason,
-             "auto" if config.valid_every == "auto" else config.valid_every)
+    log.info("validation: %s; %s", valid_reason,
+             "every epoch while it takes < 5 s, else as often as keeps it near 20% of the time"
+             if config.valid_every == "auto" else f"every {config.valid_every} epoch(s)")
     validation = ValidationCallback(UserScorer(model, valid, use_events), config,
                                     seqs.num_items, checkpoint, data.positions, valid_rows)
     log.info("training %s tower on %s sequences, %s positions/epoch, %s items (%s softmax, "
