@@ -1,6 +1,7 @@
 """train.py end to end on tiny data: run directory contents, loss goes down, config handling,
 both towers, sampled softmax, fine-tuning, MirroredStrategy + mixed precision on CPU."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -252,3 +253,14 @@ def test_validation_every_n_epochs_and_the_last(tmp_path):
     assert history["val_ndcg@10"].notna().tolist() == [True, False, True, False, True]
     assert metrics["validation"]["validations"] == 3
     assert metrics["best_epoch"] in (1, 3, 5)
+
+
+def test_every_flag_says_what_it_does_and_what_it_accepts():
+    text = " ".join(train_parser().format_help().split())
+    for spec in dataclasses.fields(TrainConfig):
+        assert len(spec.metadata["help"]) > 15, spec.name
+        if spec.metadata["choices"]:
+            assert "{" + ",".join(spec.metadata["choices"]) + "}" in text, spec.name
+    assert "--negatives {auto,full,sampled}" in text and "retrieval softmax" in text
+    with pytest.raises(ValueError, match="distribute='ring': expected one of auto, mirrored"):
+        TrainConfig(distribute="ring").validate()

@@ -5,112 +5,141 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 
+def setting(default, help: str, choices: tuple[str, ...] | None = None):
+    """A TrainConfig field with its flag's help text and, for a choice, the values it takes:
+    the one place a setting is described (train.py --help, validate())."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class TrainConfig:
     # towers
-    user_tower: str = "sasrec"  # sasrec | gru
-    text_model: str = "distilbert-base-uncased"  # hub name, local path, "minilm" or "none"
-    text_fallback: bool = False  # if the text model can't be loaded, use the packaged MiniLM
-    text_mode: str = "frozen"  # frozen (cached embeddings) | finetune (encoder in the graph)
-    text_pooling: str = "mean"  # mean | cls
-    text_max_length: int = 64
-    text_batch_size: int = 64
-    finetune_layers: int = 2  # top transformer blocks trained in finetune mode
-    cache_dir: str = "cache/text"
-    use_metadata: bool = True  # category / brand / price-bucket embeddings
-    # share of items per step trained without their id embedding (DropoutNet), or auto:
-    # AUTO_ID_DROPOUT when at least COLD_SHARE_FOR_ID_DROPOUT of the catalog has no training
-    # interaction (training/data.py), else 0
-    id_dropout: str = "auto"
-    id_init: str = "random"  # random | text (id table starts from PCA of the text vectors)
-    text_experts: int = 0  # 0: one Dense text projection; n: n whitening experts, gated
-    # user vector + a learned projection of the newest item's text (towers/item_tower.py)
-    text_skip: bool = False
-    # id and text terms of an item vector weighted by gates of its training count
-    frequency_gate: bool = False
-    # score + beta * g * cosine(text of the newest history item, text of the item) + b, inside
-    # the one dot product (towers/item_tower.py ContentWeight): on needs frozen text vectors;
-    # auto = on when, in addition, the catalog has items never trained on (training/data.py)
-    content_term: str = "auto"  # auto | on | off
-    content_beta: float = 2.0  # the content term's beta at initialisation (then learned)
-    # > 0: every id embedding row clipped to this norm, so a warm item is its text + metadata
-    # vector plus a bounded offset (Let It Go, RecSys 2025); 0 = unbounded
-    id_max_norm: float = 0.0
-    price_buckets: int = 10
-    dim: int = 64
-    max_seq_len: int = 50
-    num_blocks: int = 2
-    num_heads: int = 1
-    # or auto: the data's sparsity picks it (training/data.py dropout_rate)
-    dropout: str = "auto"
-    gru_layers: int = 1
-    sasrec_layout: str = "sasrec"  # sasrec | pre_ln (see sequential/sasrec.py)
-    user_projection: bool = False  # Dense layer on the encoder output (cost NDCG, README)
+    user_tower: str = setting("sasrec", "user tower: SASRec (Kang & McAuley 2018) or GRU4Rec "
+                              "(Hidasi et al. 2016)", ("sasrec", "gru"))
+    text_model: str = setting("distilbert-base-uncased", "text encoder of the item tower: a "
+                              "Hugging Face name or local path, 'minilm' (the packaged "
+                              "all-MiniLM-L6-v2) or 'none' (id + metadata only)")
+    text_fallback: bool = setting(False, "use the packaged MiniLM when --text-model cannot be "
+                                  "loaded (offline machine); the run records which it used")
+    text_mode: str = setting("frozen", "frozen: texts embedded once and cached; finetune: the "
+                             "encoder runs in the graph and its top blocks train",
+                             ("frozen", "finetune"))
+    text_pooling: str = setting("mean", "pooling of the encoder's token vectors",
+                                ("mean", "cls"))
+    text_max_length: int = setting(64, "tokens per item text")
+    text_batch_size: int = setting(64, "texts per encoder batch when embedding the catalog")
+    finetune_layers: int = setting(2, "top transformer blocks trained with --text-mode "
+                                   "finetune")
+    cache_dir: str = setting("cache/text", "cache of frozen text embeddings (keyed by model, "
+                             "length, pooling and text)")
+    use_metadata: bool = setting(True, "category / brand / price-bucket embeddings in the item "
+                                 "tower")
+    id_dropout: str = setting("auto", "share of items per step trained without their id "
+                              "embedding (DropoutNet), or auto: 0.3 when at least 1%% of the "
+                              "catalog has no training interaction, else 0")
+    id_init: str = setting("random", "initial item-id table: random, or text (PCA of the text "
+                           "vectors)", ("random", "text"))
+    text_experts: int = setting(0, "0: one Dense text projection; n: n whitening experts, "
+                                "gated")
+    text_skip: bool = setting(False, "add a learned projection of the newest item's text to "
+                              "the user vector (measured: no gain)")
+    frequency_gate: bool = setting(False, "weight the id and text terms of an item vector by "
+                                   "gates of its training count (measured: no gain)")
+    content_term: str = setting("auto", "beta * g * cosine(newest history item's text, item's "
+                                "text) + b inside the score; auto: on when at least 1%% of the "
+                                "catalog was never trained on (needs frozen text)",
+                                ("auto", "on", "off"))
+    content_beta: float = setting(2.0, "the content term's beta at initialisation (then "
+                                  "learned)")
+    id_max_norm: float = setting(0.0, "> 0: every id embedding row clipped to this norm (a "
+                                 "warm item = its text + metadata vector plus a bounded "
+                                 "offset, Let It Go, RecSys 2025); 0 = unbounded")
+    price_buckets: int = setting(10, "price quantile buckets embedded by the item tower")
+    dim: int = setting(64, "vector width of both towers")
+    max_seq_len: int = setting(50, "newest history items the user tower reads")
+    num_blocks: int = setting(2, "SASRec self-attention blocks")
+    num_heads: int = setting(1, "SASRec attention heads (must divide --dim)")
+    dropout: str = setting("auto", "user tower dropout, or auto: 0.5 when users have fewer "
+                           "than 50 training events on average, else 0.2")
+    gru_layers: int = setting(1, "GRU4Rec layers")
+    sasrec_layout: str = setting("sasrec", "block layout: the SASRec authors' code, or "
+                                 "pre-LayerNorm", ("sasrec", "pre_ln"))
+    user_projection: bool = setting(False, "a Dense layer on the user tower's output "
+                                    "(measured: costs NDCG)")
     # tasks
-    negatives: str = "auto"  # auto | full | sampled
-    full_softmax_max_items: int = 50_000  # auto: full softmax up to this catalog size
-    num_negatives: int = 1024
-    logq_correction: bool = True
-    unseen_negatives: bool = False  # also use never-trained (cold) items as negatives
-    retrieval_weight: float = 1.0
-    ranking_weight: float = 0.1
-    ranking_target: str = "auto"  # auto | rating | purchase | none
+    negatives: str = setting("auto", "retrieval softmax: full catalog or sampled; auto: "
+                             "sampled above --full-softmax-max-items, with finetune, or on a "
+                             "CPU where the sampled pool would hold <= 50%% of the catalog",
+                             ("auto", "full", "sampled"))
+    full_softmax_max_items: int = setting(50_000, "negatives auto: never the full softmax "
+                                          "above this many items")
+    num_negatives: int = setting(1024, "uniform negatives added to the batch's targets "
+                                 "(sampled softmax)")
+    logq_correction: bool = setting(True, "log-Q correction of the sampled softmax (Yi et al. "
+                                    "2019)")
+    unseen_negatives: bool = setting(False, "also use never-trained items as negatives")
+    retrieval_weight: float = setting(1.0, "weight of the retrieval loss")
+    ranking_weight: float = setting(0.1, "weight of the ranking loss (0 = no ranking task)")
+    ranking_target: str = setting("auto", "ranking label: rating, purchase, or auto (rating "
+                                  "where the data has ratings)",
+                                  ("auto", "rating", "purchase", "none"))
     # optimisation
-    epochs: int = 200
-    batch_size: int = 128
-    train_windows: str = "all"  # all (every train event a target) | last (one window per user)
-    bucket_batches: int = 32  # sort windows by length within groups of this many batches; 0 = off
-    optimizer: str = "auto"  # auto (lazy_adam with sampled softmax, else adam) | adam | lazy_adam
-    lr: float = 1e-3
-    adam_beta2: float = 0.98  # as SASRec's authors train
-    patience: int = 10  # epochs without valid NDCG@10 improvement before stopping
-    time_budget_minutes: float = 0.0  # 0 = no budget
-    seed: int = 42
-    # auto (bfloat16 on GPUs >= 8.0, float16 on older ones, float32 on CPUs) | on (refused
-    # without 16-bit hardware) | off | bfloat16 | float16 (forced): training/precision.py
-    mixed_precision: str = "auto"
-    # auto (mirrored with >1 GPU) | mirrored | multiworker | parameter_server | none; the last
-    # two read the cluster from TF_CONFIG (training/cluster.py)
-    distribute: str = "auto"
-    ps_shards: int = 0  # parameter_server: shards of each item table (0 = one per ps task)
+    epochs: int = setting(200, "most epochs (early stopping usually ends sooner)")
+    batch_size: int = setting(128, "training windows per batch")
+    train_windows: str = setting("all", "all: every train event a target once per epoch; "
+                                 "last: each user's newest window only", ("all", "last"))
+    bucket_batches: int = setting(32, "sort windows by length within groups of this many "
+                                  "batches (0 = off)")
+    optimizer: str = setting("auto", "auto: lazy_adam with the sampled softmax, else adam",
+                             ("auto", "adam", "lazy_adam"))
+    lr: float = setting(1e-3, "learning rate")
+    adam_beta2: float = setting(0.98, "Adam's beta2 (0.98 as SASRec's authors train)")
+    patience: int = setting(10, "epochs without a valid NDCG@10 gain before stopping")
+    time_budget_minutes: float = setting(0.0, "stop after this many minutes of training "
+                                         "(0 = no budget)")
+    seed: int = setting(42, "seed of everything random (TF op determinism is on)")
+    mixed_precision: str = setting("auto", "auto: bfloat16 on GPUs >= 8.0, float16 on older "
+                                   "GPUs, float32 on CPUs; on: 16-bit compute, refused without "
+                                   "it in hardware; bfloat16 / float16: forced",
+                                   ("auto", "on", "off", "bfloat16", "float16"))
+    distribute: str = setting("auto", "strategy: auto (mirrored with > 1 GPU); multiworker "
+                              "and parameter_server read the cluster from TF_CONFIG",
+                              ("auto", "mirrored", "multiworker", "parameter_server", "none"))
+    ps_shards: int = setting(0, "parameter_server: shards of each item table (0 = one per ps "
+                             "task)")
     # evaluation
-    # users validated after an epoch: auto (all while users x items <= VALID_SCORES, else a
-    # fixed seeded subset; training/scoring.py) | 0 = all | n = a fixed random subset of n
-    valid_users: str = "auto"
-    # validate every n epochs, or auto: as often as keeps validation near VALID_SHARE of the
-    # training time (measured as the run goes)
-    valid_every: str = "auto"
-    test_users: int = 0  # 0 = all users (the protocol); else a fixed random subset, reported
-    eval_batch_size: int = 512
-    sampled_negatives: int = 100
-    cold_items: float = 0.0  # fraction of items held out of training entirely
+    valid_users: str = setting("auto", "users validated after an epoch: auto (all while "
+                               "users x items <= 1e8, else a fixed seeded subset), 0 = all, "
+                               "or n")
+    valid_every: str = setting("auto", "validate every n epochs, or auto: every epoch while "
+                               "it takes < 5 s, else as often as keeps it near 20%% of the "
+                               "time")
+    test_users: int = setting(0, "0 = all users (the protocol); n = a fixed random subset, "
+                              "reported")
+    eval_batch_size: int = setting(512, "users per evaluation batch")
+    sampled_negatives: int = setting(100, "negatives of the sampled_* metrics (reported "
+                                     "beside the full-catalog ones)")
+    cold_items: float = setting(0.0, "share of items held out of training entirely (a "
+                                "cold-start test)")
     # export
-    export: bool = True
-    export_k: int = 100
-    scann_num_leaves: int = 0  # 0 = chosen from catalog size
-    scann_leaves_to_search: int = 0
-    scann_reorder: int = 0
+    export: bool = setting(True, "export after training")
+    export_k: int = setting(100, "items each exported retrieval SavedModel returns")
+    scann_num_leaves: int = setting(0, "ScaNN tree leaves (0 = chosen from the catalog size)")
+    scann_leaves_to_search: int = setting(0, "ScaNN leaves searched (0 = tuned at export)")
+    scann_reorder: int = setting(0, "ScaNN candidates re-scored exactly (0 = tuned at export)")
 
     def validate(self) -> None:
-        choices = {"user_tower": ("sasrec", "gru"), "text_mode": ("frozen", "finetune"),
-                   "text_pooling": ("mean", "cls"), "sasrec_layout": ("sasrec", "pre_ln"),
-                   "train_windows": ("last", "all"), "negatives": ("auto", "full", "sampled"),
-                   "ranking_target": ("auto", "rating", "purchase", "none"),
-                   "mixed_precision": ("auto", "on", "off", "bfloat16", "float16"),
-                   "optimizer": ("auto", "adam", "lazy_adam"), "id_init": ("random", "text"),
-                   "content_term": ("auto", "on", "off"),
-                   "distribute": ("auto", "mirrored", "multiworker", "parameter_server",
-                                  "none")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"config {name}={getattr(self, name)!r}: expected one of "
-                                 f"{', '.join(allowed)}")
+        for spec in fields(self):
+            allowed = spec.metadata["choices"]
+            if allowed and getattr(self, spec.name) not in allowed:
+                raise ValueError(f"config {spec.name}={getattr(self, spec.name)!r}: expected "
+                                 f"one of {', '.join(allowed)}")
         for name in ("dim", "max_seq_len", "epochs", "batch_size", "num_blocks", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
@@ -183,8 +212,8 @@ class TrainConfig:
         return cls(**data)
 
 
-def _flag_type(field: dataclasses.Field):
-    default = field.default
+def _flag_type(spec: dataclasses.Field):
+    default = spec.default
     if isinstance(default, bool):
         return lambda s: s.lower() in ("1", "true", "yes", "on")
     return type(default)
@@ -192,10 +221,14 @@ def _flag_type(field: dataclasses.Field):
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One --flag per TrainConfig field (dashes for underscores); defaults None = not given."""
-    for field in fields(TrainConfig):
-        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name,
-                            type=_flag_type(field), default=None,
-                            help=f"default: {field.default}")
+    for spec in fields(TrainConfig):
+        choices = spec.metadata["choices"]
+        kind = _flag_type(spec)
+        metavar = ("{" + ",".join(choices) + "}" if choices
+                   else "BOOL" if isinstance(spec.default, bool) else None)
+        parser.add_argument("--" + spec.name.replace("_", "-"), dest=spec.name, type=kind,
+                            default=None, metavar=metavar,
+                            help=f"{spec.metadata['help']} (default: {spec.default})")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
