@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["export"]:
             args = cli.export_parser().parse_args(argv[1:])
-            from serving.export import export_run
+            from export.build import export_run
             from training.run_report import try_run_report
 
             version = export_run(Path(args.run), Path(args.out) if args.out else None)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not Path(args.data).is_dir():
             raise ValueError(f"--data {args.data}: no such directory (run prepare_data.py)")
-        from serving.export import export_run
+        from export.build import export_run
         from training.report import summary_lines
         from training.run_report import try_run_report
         from training.trainer import train

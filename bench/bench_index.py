@@ -5,7 +5,7 @@ and recall@10 against exact search, for synthetic catalogs of 100K and 1M items.
 
 Item vectors are clustered (like trained item embeddings, unlike i.i.d. noise); queries are
 drawn near the clusters. The index is built and tuned exactly as `train.py export` does
-(serving/scann_index.py: the fastest leaves-searched / re-scored pair that reaches recall@10 >=
+(export/scann_index.py: the fastest leaves-searched / re-scored pair that reaches recall@10 >=
 0.95, found by search-time settings on one tree); "build s" includes the tuning.
 """
 
@@ -24,7 +24,7 @@ import tfenv  # noqa: E402,F401  (TF settings before TensorFlow loads)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from serving.scann_index import ScannIndex, ScannParams, Tuner, tune  # noqa: E402
+from export.scann_index import ScannIndex, ScannParams, Tuner, tune  # noqa: E402
 
 K = 10
 

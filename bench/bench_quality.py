@@ -47,9 +47,9 @@ CONFIGS = {
     "reference-sampled-adam": [*REFERENCE, "--negatives", "sampled", "--optimizer", "adam"],
     "reference-sampled-lazy": [*REFERENCE, "--negatives", "sampled", "--optimizer", "lazy_adam"],
 }
-# Making text pay off (README "Text"): each technique alone and together on the full model.
+# Making text pay off (docs/results.md "Text"): each technique alone and together on the full model.
 CONFIGS.update({
-    # Rows of the README's text tables, each exactly as run: "old negatives" rows ran while
+    # Rows of docs/results.md text tables, each exactly as run: "old negatives" rows ran while
     # never-trained items were still softmax negatives (--unseen-negatives true), and every
     # row names its id dropout because the default (auto) depends on the data.
     "sasrec-unseen-negatives": ["--user-tower", "sasrec", "--id-dropout", "0",
@@ -64,16 +64,6 @@ CONFIGS.update({
     "sasrec-moe": ["--user-tower", "sasrec", "--id-dropout", "0", "--text-experts", "4",
                    "--unseen-negatives", "true"],
     "sasrec-no-ranking": ["--user-tower", "sasrec", "--ranking-weight", "0"],
-    # The last-item text channel (towers/item_tower.py skip_vectors), alone and on top of id
-    # dropout.
-    "sasrec-text-skip": ["--user-tower", "sasrec", "--id-dropout", "0", "--text-skip", "true"],
-    "sasrec-text-skip-id-dropout": ["--user-tower", "sasrec", "--id-dropout", "0.3",
-                                    "--text-skip", "true"],
-    # Id and text terms weighted by gates of the item's training count.
-    "sasrec-frequency-gate": ["--user-tower", "sasrec", "--id-dropout", "0",
-                              "--frequency-gate", "true"],
-    "sasrec-frequency-gate-id-dropout": ["--user-tower", "sasrec", "--id-dropout", "0.3",
-                                         "--frequency-gate", "true"],
     "reference-dropout-0.5": [*REFERENCE, "--dropout", "0.5"],
     # Shorter text: each item's text cut to its first 8 tokens (ml-1m: about the title and
     # year, without the genres).

@@ -6,18 +6,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PORT=${PORT:-8000}
-BUDGET=${DEMO_TRAIN_MINUTES:-5}
+BUDGET=${DEMO_TRAIN_MINUTES:-2}
 start=$(date +%s)
+stage_name=""
+stage() {  # how long the stage before took, then the next stage's title
+  local now
+  now=$(date +%s)
+  [ -z "$stage_name" ] || echo "   (stage ${stage_name%% *} took $(( now - stage_start ))s)"
+  stage_start=$now
+  stage_name=$1
+  echo "== $1"
+}
 
-echo "== 1/4 prepare the sample data set (UCI Online Retail, CC BY 4.0)"
+stage "1/4 prepare the sample data set (UCI Online Retail, CC BY 4.0)"
 $PY prepare_data.py --source sample --out data/processed/sample
 
-echo "== 2/4 train + evaluate + export (SASRec user tower, text tower, ${BUDGET}-minute budget)"
+stage "2/4 train + evaluate + export (SASRec user tower, text tower, ${BUDGET}-minute budget)"
 $PY train.py --data data/processed/sample --out saved_model/sample \
   --text-model distilbert-base-uncased --text-fallback true \
-  --time-budget-minutes "$BUDGET" --valid-users 1000
+  --time-budget-minutes "$BUDGET"
 
-echo "== 3/4 serve saved_model/sample on 127.0.0.1:$PORT"
+stage "3/4 serve saved_model/sample on 127.0.0.1:$PORT"
 MODEL_DIR=saved_model/sample $PY -m uvicorn main:app --host 127.0.0.1 --port "$PORT" \
   --log-level warning &
 server=$!
@@ -30,7 +39,7 @@ curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null || { echo "server did not bec
 
 user=$($PY -c "import pandas as pd; print(pd.read_parquet('data/processed/sample/events.parquet', columns=['user_id']).user_id.iloc[0])")
 item=$($PY -c "import pandas as pd; print(pd.read_parquet('data/processed/sample/items.parquet').sort_values('count').item_id.iloc[-1])")
-echo "== 4/4 ready after $(( $(date +%s) - start ))s. Try:"
+stage "4/4 ready after $(( $(date +%s) - start ))s. Try:"
 cat <<EOF2
   curl 'http://127.0.0.1:$PORT/recommendations/$user?k=5'
   curl -X POST 'http://127.0.0.1:$PORT/recommendations' -H 'Content-Type: application/json' -d '{"history": ["$item"], "k": 5}'

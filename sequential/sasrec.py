@@ -3,7 +3,7 @@
 Kang & McAuley 2018, "Self-Attentive Sequential Recommendation". LayerNorm comes before the
 attention (on its query) and before the feed-forward layer, as in the authors' code; a standard
 pre-LayerNorm transformer block is the `pre_ln` option (it trained to lower NDCG here, see the
-README's quality section).
+docs/results.md).
 The layer takes already-embedded items (the item tower owns the table) and returns one
 vector per position; the vector at the newest item is the user's state.
 """

@@ -31,8 +31,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from export.contract import HISTORY_MAX
 from recdata.livedb import Database, DatabaseError, default_url, describe
-from serving.contract import HISTORY_MAX
 from serving.live import LIVE_PREFETCH, ItemFilter, LiveState
 from serving.metrics import RequestMetricsMiddleware, ServingMetrics
 from serving.model_store import INDEXES, ModelError, ModelStore, ServingModel, VersionPolicy

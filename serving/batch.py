@@ -105,7 +105,7 @@ def resolve_version(model_dir: Path, version: int | None) -> tuple[int, Path]:
 
 def exported_k(version_dir: Path) -> int:
     """The k the version's retrieval models return (metadata.json "k")."""
-    from serving import contract as c
+    from export import contract as c
 
     path = version_dir / c.METADATA
     try:
@@ -148,7 +148,7 @@ def score_histories(model, histories: Sequence[tuple[list[str], list[str]]], k: 
     import numpy as np
     import tensorflow as tf
 
-    from serving import contract as c
+    from export import contract as c
     from serving.batching import run_batch
     from serving.model_store import ModelError
 

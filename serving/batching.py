@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from serving import contract as c
+from export import contract as c
 
 log = logging.getLogger(__name__)
 

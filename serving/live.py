@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from export import contract as c
 from recdata.livedb import Database, DatabaseError, Event, ItemChange, Tail
-from serving import contract as c
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from serving import contract as c
+from export import contract as c
 from serving.batching import Batcher, run_batch
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
-from serving.contract import HISTORY_MAX
+from export.contract import HISTORY_MAX
 
 K_MAX = 100
 CANDIDATES_MAX = 1000

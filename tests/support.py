@@ -81,7 +81,7 @@ def train_tiny(workdir: Path, user_tower: str = "sasrec", epochs: int = 2,
                text_model: str | None = "tiny", export: bool = True, **overrides):
     """Prepare a fixture data set, train a tiny model for a few epochs and (by default) export
     it. Returns (run_dir, export_dir, metrics)."""
-    from serving.export import export_run
+    from export.build import export_run
     from training.config import TrainConfig
     from training.trainer import train
 

@@ -15,7 +15,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 MISSING = ("the browser test needs Debian's Chromium and its driver "
            "(apt-get install chromium chromium-driver; .ci/run installs them)")
-# TOWERREC_SCREENSHOTS=docs/images also saves the page's screenshot there (the README's).
+# TOWERREC_SCREENSHOTS=docs/images also saves the page's screenshot there (docs/serving.md).
 SCREENSHOTS = os.environ.get("TOWERREC_SCREENSHOTS")
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed "

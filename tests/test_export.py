@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 from support import op_types as _op_types
 
-import serving.export as export
-from serving.contract import UNFILLED_SCORE
+import export.build as export
+from export.contract import UNFILLED_SCORE
 from towers.model import TwoTowerModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,38 +246,27 @@ def test_finetuned_run_exports_without_its_encoder(tmp_path):
     assert hr == pytest.approx(metrics["test"]["hr@10"], abs=1e-9)
 
 
-def test_text_skip_and_frequency_gate_train_and_are_exported(tmp_path):
-    """The last-item text channel and the frequency gate: trained from their zero start, and
-    carried by the export, so the served scores are the in-memory model's (a channel the
-    export dropped would change them: checked by switching it off)."""
-    from support import train_tiny
+def test_a_run_trained_with_a_removed_setting_is_refused_by_name(tiny_export, tmp_path):
+    """text_skip and frequency_gate were removed (they measured no gain): a run trained with
+    one cannot be exported as if it never had it; the message names the setting and the
+    commit that still has it. The same spec with the setting off loads."""
+    import json
+    import shutil
 
     from towers import run_dir as run_files
+    from towers.spec import ModelSpec
 
-    run_dir, export_dir, _ = train_tiny(tmp_path, epochs=2, export=False, text_skip=True,
-                                        frequency_gate=True)
-    model, spec = TwoTowerModel.from_run(run_dir)
-    assert spec.text_skip and spec.frequency_gate
-    kernel = model.item_tower.skip_projection.kernel
-    assert np.abs(kernel.numpy()).max() > 0  # zero init, moved by training
-    assert np.abs(model.item_tower.gate_weights.numpy()).max() > 0
-    assert model.item_tower.log_count.numpy().max() > 0  # the counts came with the run
-    # A strong channel, so that an export without it could not match.
-    kernel.assign(np.random.default_rng(0).normal(0, 1, kernel.shape).astype(np.float32))
-    model.save_weights(str(run_dir / run_files.CHECKPOINT))
-    version = export.export_run(run_dir, export_dir)
-    model, spec = TwoTowerModel.from_run(run_dir)
-    items = pd.read_parquet(run_dir / "items.parquet")
-    histories = _histories(items)
-    loaded = _load_in_subprocess(version / "retrieval_bruteforce", histories, with_scann=False)
-    expected = _exact_top_k(model, items, spec, histories, 10, version)
-    for (ids, scores), got_ids, got_scores in zip(expected, loaded["item_ids"],
-                                                  loaded["scores"]):
-        assert got_ids[:10] == ids
-        assert np.allclose(got_scores[:10], scores, atol=1e-4)
-    model.item_tower.skip_projection.kernel.assign(np.zeros(kernel.shape, np.float32))
-    silent = _exact_top_k(model, items, spec, histories, 10, version)
-    assert any(not np.allclose(a[1], b[1], atol=1e-3) for a, b in zip(silent, expected))
+    run_dir = Path(tmp_path / "old-run")
+    shutil.copytree(tiny_export[0], run_dir)
+    spec_path = run_dir / run_files.SPEC
+    data = json.loads(spec_path.read_text())
+    for off in (False, None):
+        spec_path.write_text(json.dumps({**data, "text_skip": off}))
+        assert ModelSpec.load(spec_path).num_items == data["num_items"]
+    spec_path.write_text(json.dumps({**data, "frequency_gate": True}))
+    with pytest.raises(ValueError, match="frequency_gate, removed after commit 1979ee7"):
+        export.export_run(run_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_content_term_is_exported_in_the_scored_vectors(restored):

@@ -10,7 +10,7 @@ import tensorflow as tf
 from support import op_types
 from tensorflow.python.framework import op_def_registry
 
-from serving import contract as c
+from export import contract as c
 from towers.model import TwoTowerModel
 
 

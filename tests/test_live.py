@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from test_api import ADMIN, TOKEN, add_version
 from test_item_tower import embed_catalog
 
+from export import contract as c
 from recdata.livedb import Database, DatabaseError, Tail
-from serving import contract as c
 from serving.app import create_app
 from serving.live import ItemFilter, LiveRetrieval, Snapshot
 

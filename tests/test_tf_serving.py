@@ -51,7 +51,7 @@ def _unregistered_in_stock_tf(ops: dict[str, set[str]]) -> dict[str, list[str]]:
 
 
 def _models(export_dir: Path, filename: str) -> dict[str, Path]:
-    """model name -> the host directory its base_path names (the README mounts
+    """model name -> the host directory its base_path names (docs/export.md mounts
     saved_model/NAME at /models/NAME)."""
     config = model_server_config_pb2.ModelServerConfig()
     text_format.Parse((export_dir / "tf_serving" / filename).read_text(), config)

@@ -204,56 +204,6 @@ def test_auto_dropout_follows_training_events_per_user():
             TrainConfig(dropout=bad).validate()
 
 
-def test_frequency_gate_weighs_id_and_text_by_training_count():
-    counts = np.array([0, 0, 1, 1000])  # item 1 cold, 2 tail, 3 head
-    warm = (counts > 0).astype(np.float32)
-    text = np.random.default_rng(1).normal(size=(4, 5)).astype(np.float32)
-    plain = ItemTower(num_items=3, dim=4, text_dim=5)
-    gated = ItemTower(num_items=3, dim=4, text_dim=5, frequency_gate=True)
-    for tower in (plain, gated):
-        tower.set_item_features(warm, text=text, train_counts=counts)
-    gated.id_embedding.assign(plain.id_embedding)
-    gated.text_projection.set_weights(plain.text_projection.get_weights())
-    ids = tf.constant([0, 1, 2, 3])
-    # Zero-initialised gates are 1: the tower starts as the one without them.
-    np.testing.assert_allclose(gated(ids), plain(ids), atol=1e-6)
-    # Id gate rising with the count, text gate falling with it.
-    gated.gate_weights.assign([[1.0, -1.0], [-1.0, 0.5]])
-    log_count = np.log1p(counts)
-    id_gate, text_gate = (g.numpy()[:, 0] for g in gated.gates(log_count * warm))
-    np.testing.assert_allclose(id_gate, 2 / (1 + np.exp(-(log_count - 1.0))), rtol=1e-5)
-    np.testing.assert_allclose(text_gate, 2 / (1 + np.exp(-(0.5 - log_count))), rtol=1e-5)
-    ids_part = (plain.id_embedding.numpy() * warm[:, None])
-    text_part = plain.text_projection(unit_rows(text)).numpy()
-    expected = id_gate[:, None] * ids_part + text_gate[:, None] * text_part
-    expected[0] = 0
-    np.testing.assert_allclose(gated(ids), expected, atol=1e-5)
-    # An item whose id is dropped this step gets the gates of a never-trained one.
-    dropped = gated.gates(np.zeros(4, np.float32))
-    np.testing.assert_allclose(dropped[1].numpy()[:, 0], text_gate[1], rtol=1e-6)
-    with pytest.raises(ValueError, match="training counts"):
-        ItemTower(num_items=3, dim=4, frequency_gate=True).set_item_features(warm)
-
-
-def test_text_skip_adds_the_newest_items_projected_text():
-    tower = ItemTower(num_items=3, dim=4, text_dim=5, text_skip=True)
-    text = np.random.default_rng(2).normal(size=(4, 5)).astype(np.float32)
-    tower.set_item_features(np.ones(4, np.float32), text=text)
-    history = tf.constant([[0, 1, 3]])
-    assert not np.abs(tower.skip_vectors(history).numpy()).any()  # silent at the start
-    kernel = np.random.default_rng(3).normal(size=(5, 4)).astype(np.float32)
-    tower.skip_projection.kernel.assign(kernel)
-    skip = tower.skip_vectors(history).numpy()[0]
-    np.testing.assert_allclose(skip[1:], unit_rows(text)[[1, 3]] @ kernel, atol=1e-5)
-    assert not skip[0].any()  # padding adds nothing (even with a text row)
-    user = UserTower("sasrec", dim=4, max_len=3, dropout=0.0)
-    vectors = tower(history)
-    mask = history > 0
-    np.testing.assert_allclose(user(vectors, mask, skip=skip[None]),
-                               user(vectors, mask) + skip[None], atol=1e-5)
-    assert ItemTower(num_items=3, dim=4, text_skip=True).text_skip is False  # no text: off
-
-
 def test_content_term_logits_equal_the_wide_dot_product():
     # Training scores u . v + beta * g * cos(c_u, c_i) + b without building the wide vectors;
     # serving scores [u ; beta c_u ; 1] . [v ; g c_i ; b]. Both must be the same number.

@@ -22,8 +22,7 @@ class ItemTower(tf.keras.layers.Layer):
 
     def __init__(self, num_items: int, dim: int, text_dim: int = 0, num_categories: int = 0,
                  num_brands: int = 0, num_price_buckets: int = 0, text_tokens: int = 0,
-                 id_dropout: float = 0.0, text_experts: int = 0, text_skip: bool = False,
-                 frequency_gate: bool = False, content_term: bool = False,
+                 id_dropout: float = 0.0, text_experts: int = 0, content_term: bool = False,
                  content_beta: float = 2.0, id_max_norm: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         # > 0: each id embedding row is clipped to this norm, so a warm item's vector is its
@@ -35,11 +34,6 @@ class ItemTower(tf.keras.layers.Layer):
         # baseline is the model with its id and sequence terms at zero. Frozen text only.
         self.content_term = bool(content_term and text_dim and not text_tokens)
         self.content_beta = content_beta  # beta at initialisation
-        # A learned weight of the id and of the text term per item from its training count
-        # (see `gates`): head items may lean on the id, tail and cold items on text.
-        self.frequency_gate = frequency_gate
-        # The last-item text channel (see `skip_vectors`): on only with text.
-        self.text_skip = bool(text_skip and text_dim)
         # 0: one Dense projection of the text vector; n > 0: a mixture of n parametric-whitening
         # experts ((x - b_i) W_i, softmax-gated by x; UniSRec's adaptor for frozen text).
         self.text_experts = text_experts
@@ -102,23 +96,13 @@ class ItemTower(tf.keras.layers.Layer):
                 self.dim, kernel_initializer=init(), name="text_projection")
             with tf.name_scope("text_projection"):  # weights now, inside any strategy scope
                 self.text_projection.build((None, self.text_dim))
-        if self.frequency_gate or self.content_term:
+        if self.content_term:
             self.log_count = self.add_weight("log_count", [rows], initializer="zeros",
                                              trainable=False)
         if self.content_term:
             self.content = ContentWeight(self.content_beta, name="content_weight")
             with tf.name_scope("content_weight"):
                 self.content.build(None)
-        if self.frequency_gate:
-            # rows: id, text; columns: slope and offset on log(1 + count). Zero init = both
-            # gates 1, the model without them.
-            self.gate_weights = self.add_weight("gate_weights", [2, 2], initializer="zeros")
-        if self.text_skip:
-            # Zero init: the channel starts silent, the model starts as without it.
-            self.skip_projection = tf.keras.layers.Dense(
-                self.dim, use_bias=False, kernel_initializer="zeros", name="skip_projection")
-            with tf.name_scope("skip_projection"):
-                self.skip_projection.build((None, self.text_dim))
         self.meta_tables = {}
         for name, size in (("category", self.num_categories), ("brand", self.num_brands),
                            ("price_bucket", self.num_price_buckets)):
@@ -134,14 +118,13 @@ class ItemTower(tf.keras.layers.Layer):
                           meta: dict[str, np.ndarray] | None = None,
                           train_counts: np.ndarray | None = None) -> None:
         """Fill the feature tables; every array has num_items + 1 rows (row 0 = padding).
-        `train_counts` (training interactions per item) feeds the frequency gate."""
+        `train_counts` (training interactions per item) feeds the content term."""
         if not self.built:
             self.build(None)
         self.seen_in_training.assign(seen_in_training.astype(np.float32))
-        if self.frequency_gate or self.content_term:
+        if self.content_term:
             if train_counts is None:
-                raise ValueError("the frequency gate and the content term need the items' "
-                                 "training counts")
+                raise ValueError("the content term needs the items' training counts")
             self.log_count.assign(np.log1p(train_counts.astype(np.float64)).astype(np.float32))
         if self.text_dim and not self.text_tokens:
             self.text_table.assign(unit_rows(text))
@@ -173,31 +156,6 @@ class ItemTower(tf.keras.layers.Layer):
         experts = tf.einsum("ned,edk->nek", whitened, tf.cast(self.expert_kernel, dtype))
         gate = tf.nn.softmax(tf.matmul(text, tf.cast(self.expert_gate, dtype)))  # [n, e]
         return tf.einsum("nek,ne->nk", experts, gate)
-
-    def gates(self, log_count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Weights of the id and the text term from items' log(1 + training count) [n], 0 for
-        an item without its id embedding (never trained, or dropped this step; so id dropout
-        trains the gate that cold items get) -> two [n, 1]: 2 * sigmoid(slope * x + offset),
-        each in (0, 2)."""
-        x = tf.cast(log_count, tf.float32)[:, None]  # [n, 1]
-        w = self.gate_weights
-        gate = 2.0 * tf.sigmoid(x * w[:, 0][None, :] + w[:, 1][None, :])  # [n, 2]
-        return gate[:, :1], gate[:, 1:]
-
-    def skip_vectors(self, item_idx: tf.Tensor) -> tf.Tensor | None:
-        """The last-item text channel: item ids [...] -> [..., dim] added to the user vector
-        after each position (None when off). With it a user vector holds a projection of the
-        newest item's text, so the score of any item, warm or never trained, carries a learned
-        likeness of its text to that item's: the text-kNN baseline, inside the model and
-        weighed by training. Padding (id 0) adds nothing."""
-        if not self.text_skip:
-            return None
-        shape = tf.shape(item_idx)
-        ids = tf.reshape(tf.cast(item_idx, tf.int32), [-1])
-        text = tf.cast(self.text_vectors(ids), self.compute_dtype)
-        vectors = self.skip_projection(text)  # [n, dim]
-        vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
-        return tf.reshape(vectors, tf.concat([shape, [self.dim]], axis=0))
 
     def has_id(self, ids: tf.Tensor, drop_seed: tf.Tensor | None = None) -> tf.Tensor:
         """1.0 for each item id [n] whose id embedding is used this step (seen in training and
@@ -240,7 +198,7 @@ class ItemTower(tf.keras.layers.Layer):
         meta = {name: rows(table, ids) for name, (table, _) in self.meta_tables.items()}
         # An item without its id this step (never trained, or dropped) has count 0.
         log_count = (rows(self.log_count, ids) * seen[:, 0]
-                     if self.frequency_gate or self.content_term else None)
+                     if self.content_term else None)
         vectors = self.compose(vectors * seen, text, meta, log_count)
         vectors *= tf.cast(ids > 0, vectors.dtype)[:, None]  # padding -> zeros
         return tf.reshape(vectors, tf.concat([shape, [self.score_dim]], axis=0))
@@ -250,21 +208,14 @@ class ItemTower(tf.keras.layers.Layer):
         """An item's scored vector from its parts, [n, score_dim]: the id embedding rows
         [n, dim] (zeros for an item without one), unit text vectors [n, text_dim] (None
         without text), metadata codes {name: [n]} and log(1 + training count) [n] (0 without
-        an id; None when neither the gate nor the content term reads it). Training and the
-        exported item tower (serving/signatures.py ItemTowerModule, which places items the
+        an id; None without the content term, which alone reads it). Training and the
+        exported item tower (export/signatures.py ItemTowerModule, which places items the
         model never saw) both come here, so a new item gets the computation a never-trained
         catalog item got."""
         vectors = id_vectors
-        text_gate = None
-        if self.frequency_gate:
-            id_gate, text_gate = self.gates(log_count)
-            vectors *= tf.cast(id_gate, vectors.dtype)
         if self.text_dim:
             text = tf.cast(text, self.compute_dtype)
-            projected = tf.cast(self.project_text(text), vectors.dtype)
-            if text_gate is not None:
-                projected *= tf.cast(text_gate, vectors.dtype)
-            vectors += projected
+            vectors += tf.cast(self.project_text(text), vectors.dtype)
         for name, (_, embedding) in self.meta_tables.items():
             vectors += rows(embedding, meta[name])
         if self.content_term:  # [n, dim + text_dim + 1]: [v ; g c ; b], c unprojected
@@ -278,8 +229,7 @@ class ItemTower(tf.keras.layers.Layer):
                 "text_dim": self.text_dim, "num_categories": self.num_categories,
                 "num_brands": self.num_brands, "num_price_buckets": self.num_price_buckets,
                 "text_tokens": self.text_tokens, "id_dropout": self.id_dropout,
-                "text_experts": self.text_experts, "text_skip": self.text_skip,
-                "frequency_gate": self.frequency_gate, "content_term": self.content_term,
+                "text_experts": self.text_experts, "content_term": self.content_term,
                 "content_beta": self.content_beta, "id_max_norm": self.id_max_norm}
 
 

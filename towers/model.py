@@ -89,7 +89,6 @@ class TwoTowerModel(tfrs.models.Model):
                                num_price_buckets=spec.meta_sizes.get("price_bucket", 0),
                                text_tokens=0 if frozen_text else spec.text_tokens,
                                id_dropout=spec.id_dropout, text_experts=spec.text_experts,
-                               text_skip=spec.text_skip, frequency_gate=spec.frequency_gate,
                                content_term=spec.content_term,
                                content_beta=spec.content_beta, id_max_norm=spec.id_max_norm,
                                name="item_tower")
@@ -147,8 +146,7 @@ class TwoTowerModel(tfrs.models.Model):
         else:
             embedded = tf.gather(item_vectors, history)  # [batch, seq, score_dim]
         encoded = self.user_tower(embedded[..., :self.item_tower.dim], history > 0,
-                                  event_types=event_types, training=training,
-                                  skip=self.item_tower.skip_vectors(history))
+                                  event_types=event_types, training=training)
         return encoded, self.item_tower.content_parts(history, drop_seed)
 
     def sequence_vectors(self, history: tf.Tensor, item_vectors: tf.Tensor | None = None,

@@ -12,6 +12,9 @@ import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
+# Settings whose measured effect was nil, removed; the commit that still had them.
+REMOVED = {"text_skip": "1979ee7", "frequency_gate": "1979ee7"}
+
 
 @dataclass
 class ModelSpec:
@@ -46,8 +49,6 @@ class ModelSpec:
     id_dropout: float = 0.0  # share of items whose id embedding is dropped per training step
     text_experts: int = 0  # 0: Dense text projection; n: mixture of n whitening experts
     unseen_negatives: bool = False  # never-trained items as softmax negatives (the old way)
-    text_skip: bool = False  # user vector + projected text of the newest item (item_tower.py)
-    frequency_gate: bool = False  # id and text terms weighted by the item's training count
     # score + beta * cosine(newest history item's text, item's text), in the dot product
     content_term: bool = False
     content_beta: float = 2.0  # beta at initialisation (then learned)
@@ -72,4 +73,9 @@ class ModelSpec:
         if missing:
             raise ValueError(f"{path}: model spec lacks {', '.join(missing)} (written by an "
                              "older towerrec; train the run again to export it)")
+        for name, commit in REMOVED.items():
+            if data.get(name):
+                raise ValueError(f"{path}: trained with {name}, removed after commit {commit} "
+                                 "(it measured no gain); export it with that commit, or train "
+                                 "again")
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})

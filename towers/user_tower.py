@@ -3,7 +3,7 @@ GRU4Rec at the shared dimension, optionally followed by a Dense projection.
 
 The projection is off by default: SASRec's final LayerNorm output scored directly against the
 item vectors (as in the paper) reached clearly higher NDCG@10 than with an extra Dense layer
-(online-retail valid NDCG@10 0.218 vs 0.201, README).
+(online-retail valid NDCG@10 0.218 vs 0.201, docs/results.md).
 
 There is deliberately no user-id embedding: the tower must serve users it never saw and live
 sessions from their item history alone, and a served model has no user-id input.
@@ -42,16 +42,11 @@ class UserTower(tf.keras.layers.Layer):
                            else None)
 
     def call(self, item_vectors: tf.Tensor, padding_mask: tf.Tensor,
-             event_types: tf.Tensor | None = None, training: bool | None = None,
-             skip: tf.Tensor | None = None) -> tf.Tensor:
-        """`skip` [batch, seq, dim]: added to the output at each position (the item tower's
-        last-item text channel for the item at that position)."""
+             event_types: tf.Tensor | None = None, training: bool | None = None) -> tf.Tensor:
         encoded = self.encoder(item_vectors, padding_mask, event_types=event_types,
                                training=training)  # [batch, seq, dim]
         if self.projection is not None:
             encoded = self.projection(encoded)  # [batch, seq, dim]
-        if skip is not None:
-            encoded += tf.cast(skip, encoded.dtype)
         return encoded
 
     def attention_weights(self, item_vectors: tf.Tensor, padding_mask: tf.Tensor,

@@ -14,7 +14,7 @@ from pathlib import Path
 import tfenv
 from training.config import add_config_flags
 
-OWN_PACKAGES = ("training", "towers", "serving", "recdata", "sequential")
+OWN_PACKAGES = ("training", "towers", "export", "serving", "recdata", "sequential")
 
 
 def _verbose_flag(parser: argparse.ArgumentParser) -> None:

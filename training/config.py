@@ -47,10 +47,6 @@ class TrainConfig:
                            "vectors)", ("random", "text"))
     text_experts: int = setting(0, "0: one Dense text projection; n: n whitening experts, "
                                 "gated")
-    text_skip: bool = setting(False, "add a learned projection of the newest item's text to "
-                              "the user vector (measured: no gain)")
-    frequency_gate: bool = setting(False, "weight the id and text terms of an item vector by "
-                                   "gates of its training count (measured: no gain)")
     content_term: str = setting("auto", "beta * g * cosine(newest history item's text, item's "
                                 "text) + b inside the score; auto: on when at least 1%% of the "
                                 "catalog was never trained on (needs frozen text)",
@@ -67,7 +63,7 @@ class TrainConfig:
     num_heads: int = setting(1, "SASRec attention heads (must divide --dim)")
     dropout: str = setting("auto", "user tower dropout, or auto: 0.5 when users have fewer "
                            "than 50 training events on average, else 0.2")
-    gru_layers: int = setting(1, "GRU4Rec layers")
+    gru_layers: int = setting(1, "stacked GRU layers in GRU4Rec")
     sasrec_layout: str = setting("sasrec", "block layout: the SASRec authors' code, or "
                                  "pre-LayerNorm", ("sasrec", "pre_ln"))
     user_projection: bool = setting(False, "a Dense layer on the user tower's output "
@@ -98,7 +94,7 @@ class TrainConfig:
                                   "batches (0 = off)")
     optimizer: str = setting("auto", "auto: lazy_adam with the sampled softmax, else adam",
                              ("auto", "adam", "lazy_adam"))
-    lr: float = setting(1e-3, "learning rate")
+    lr: float = setting(1e-3, "the optimizer's learning rate")
     adam_beta2: float = setting(0.98, "Adam's beta2 (0.98 as SASRec's authors train)")
     patience: int = setting(10, "epochs without a valid NDCG@10 gain before stopping")
     time_budget_minutes: float = setting(0.0, "stop after this many minutes of training "

@@ -77,7 +77,7 @@ def ranking_mode(config: TrainConfig, seqs: Sequences) -> str:
 # distinct targets + the uniform negatives) is at most this share of the catalog. A step's
 # retrieval cost follows the columns scored at every position, so below it the sampled step
 # is markedly cheaper; above it the two cost about the same and the full softmax is exact
-# (bench/bench_negatives.py measures both over catalog sizes; README "Training speed").
+# (bench/bench_negatives.py measures both over catalog sizes; docs/benchmarks.md "Training speed").
 SAMPLED_POOL_SHARE = 0.5
 
 
@@ -133,7 +133,7 @@ def has_never_trained_items(data: TrainingData) -> bool:
 def id_dropout(config: TrainConfig, data: TrainingData) -> float:
     """The id-dropout share: as configured, or `auto`. Dropping id embeddings trains the text +
     metadata path to stand alone, which is what items without training interactions get; it
-    costs warm-item accuracy where text predicts little (README: ml-1m -8%, online-retail
+    costs warm-item accuracy where text predicts little (docs/results.md: ml-1m -8%, online-retail
     cold items 0 -> 0.076 NDCG@10), so `auto` turns it on only when the catalog has such items
     (>= 1% of it) and there is text or metadata to stand on."""
     if not (data.features.text_dim or data.features.meta_sizes):
@@ -149,7 +149,7 @@ def content_term(config: TrainConfig, data: TrainingData) -> bool:
     COLD_SHARE_FOR_ID_DROPOUT of the catalog has no training interaction. The term's item side
     (the text weight and bias of items known only by text) is trained by id dropout, which
     `auto` turns on at the same share; on a catalog whose items all have history it left test
-    NDCG@10 where it was (ml-1m 0.1515 vs 0.1518) and cost 2.5-3x the training time (README
+    NDCG@10 where it was (ml-1m 0.1515 vs 0.1518) and cost 2.5-3x the training time (docs/results.md
     "The content term")."""
     if data.features.text is None or config.content_term == "off":
         return False
@@ -160,7 +160,7 @@ def content_term(config: TrainConfig, data: TrainingData) -> bool:
 
 # Dropout of the user tower by data sparsity, as SASRec's authors chose it (0.2 on MovieLens-1M,
 # 0.5 on the sparse Amazon and Steam sets): a user with few training events gives the sequence
-# model little to fit, and it overfits sooner (README "Sparse data").
+# model little to fit, and it overfits sooner (docs/results.md "Sparse data").
 DENSE_DROPOUT, SPARSE_DROPOUT = 0.2, 0.5
 SPARSE_EVENTS_PER_USER = 50
 
@@ -205,10 +205,6 @@ def model_spec(config: TrainConfig, data: TrainingData, retrieval: str) -> Model
         id_dropout=id_dropout(config, data),
         text_experts=config.text_experts if features.text_dim else 0,
         unseen_negatives=config.unseen_negatives,
-        # Frozen text only: with a fine-tuned encoder the channel would run it a second time
-        # over every history item of every step.
-        text_skip=bool(config.text_skip and features.text is not None),
-        frequency_gate=config.frequency_gate,
         content_term=content_term(config, data),
         content_beta=config.content_beta, id_max_norm=config.id_max_norm)
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 REPORT = "report.html"
 FIGURES = {"curves": "report_curves.png", "atlas": "report_atlas.png",
            "attention": "report_attention.png", "scann": "report_scann.png"}
-VERSION_METADATA = "metadata.json"  # serving/contract.py METADATA (training cannot import it)
+VERSION_METADATA = "metadata.json"  # export/contract.py METADATA (training cannot import it)
 VERSION_NAME = re.compile(r"[0-9]+")  # as serving/model_store.py: str.isdigit() accepts "²"
 ATLAS_POINTS = 20_000  # most items drawn in the atlas (the labelled ones always are)
 ATLAS_LABELS = 15  # most-interacted items named in the atlas

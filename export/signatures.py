@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from serving import contract as c
+from export import contract as c
 from towers.item_tower import split_content
 
 
@@ -58,7 +58,7 @@ def newest_left_padded(idx: tf.Tensor, extra: tf.Tensor, max_len: int):
 class _Base(tf.Module):
     def __init__(self, user_tower: tf.keras.layers.Layer, item_vectors: np.ndarray,
                  lookup: ItemLookup, max_len: int, use_events: bool, default_event: int = 0,
-                 skip_vectors: np.ndarray | None = None, dim: int | None = None,
+                 dim: int | None = None,
                  content: tf.keras.layers.Layer | None = None,
                  log_counts: np.ndarray | None = None):
         super().__init__()
@@ -77,9 +77,6 @@ class _Base(tf.Module):
         self.content = content
         self.log_counts = (None if content is None
                            else tf.constant(log_counts, tf.float32))  # [num_items + 1]
-        # The item tower's last-item text channel, per item (None: the model has none).
-        self.skip_vectors = (None if skip_vectors is None
-                             else tf.constant(skip_vectors, tf.float32))  # [num_items + 1, dim]
         self.lookup, self.max_len, self.use_events = lookup, max_len, use_events
         # Event type assumed when a request gives none (or an unknown one): the most common
         # in training, so the user tower sees inputs like those it was trained on.
@@ -121,12 +118,9 @@ class _Base(tf.Module):
             return tf.where((ids > catalog)[..., None], tf.cast(extra, known.dtype), known)
 
         vectors = rows(self.item_inputs, items, self.dim)  # [batch, max_len, dim]
-        skip = None
-        if self.skip_vectors is not None:  # the text channel knows catalog items only
-            skip = tf.gather(self.skip_vectors, tf.where(items > catalog, 0, items))
         encoded = self.user_tower(vectors, items > 0,
                                   event_types=kinds if self.use_events else None,
-                                  training=False, skip=skip)
+                                  training=False)
         users = tf.cast(encoded[:, -1], tf.float32)  # [batch, dim]
         if self.content is not None:
             # The content term reads the newest item only (left-padded: the last column).

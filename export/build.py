@@ -2,10 +2,10 @@
 
 Reads the run directory only (towers/run_dir.py): the model is rebuilt from its spec and best
 checkpoint, the item table and user histories are copied from it. VERSION/ holds the files
-named in serving/contract.py: `retrieval/` (user tower + ScaNN index), `retrieval_bruteforce/`
+named in export/contract.py: `retrieval/` (user tower + ScaNN index), `retrieval_bruteforce/`
 (exact, stock ops only), `ranking/`, `item_embeddings.parquet`, `items.parquet`,
 `user_histories.parquet`, `metadata.json`; each SavedModel carries TF Serving warmup requests
-and `tf_serving/` gets the model server's configs (serving/tf_serving.py). Everything is written
+and `tf_serving/` gets the model server's configs (export/tf_serving.py). Everything is written
 into a temporary directory and renamed into place, so a server polling the directory never sees
 half a model.
 """
@@ -28,9 +28,9 @@ import pandas as pd
 import tensorflow as tf
 import yaml
 
-from serving import contract as c
-from serving.scann_index import ScannIndex, ScannParams, Tuner, exact_top, recall_at_k, tune
-from serving.signatures import (
+from export import contract as c
+from export.scann_index import ScannIndex, ScannParams, Tuner, exact_top, recall_at_k, tune
+from export.signatures import (
     BruteForceRetrieval,
     ItemLookup,
     ItemTowerModule,
@@ -38,7 +38,7 @@ from serving.signatures import (
     ScannRetrieval,
     add_signatures,
 )
-from serving.tf_serving import write_tf_serving_config, write_warmup_requests
+from export.tf_serving import write_tf_serving_config, write_warmup_requests
 from towers import run_dir as run_files
 from towers.metadata import metadata_vocabularies
 from towers.model import TwoTowerModel
@@ -159,14 +159,11 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
     manifest = json.loads((run_dir / run_files.DATA_MANIFEST).read_text())
 
     item_vectors = tf.cast(model.all_item_vectors(), tf.float32).numpy()
-    skip_vectors = model.item_tower.skip_vectors(tf.range(spec.num_items + 1))
     lookup = ItemLookup(items["item_id"].astype(str).to_numpy(), spec.event_vocab)
     tower = model.item_tower
     base = dict(user_tower=model.user_tower, item_vectors=item_vectors, lookup=lookup,
                 max_len=spec.max_seq_len, use_events=spec.num_event_types > 0,
                 default_event=spec.default_event,
-                skip_vectors=None if skip_vectors is None
-                else tf.cast(skip_vectors, tf.float32).numpy(),
                 dim=spec.dim, content=tower.content if tower.content_term else None,
                 log_counts=tower.log_count.numpy() if tower.content_term else None)
     k = min(settings["export_k"], spec.num_items)

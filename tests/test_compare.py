@@ -1,30 +1,16 @@
-"""bench/compare_versions.py over the tiny exported model: a version against an identical copy,
+"""python -m serving.compare over the tiny exported model: a version against an identical copy,
 its figures against training's test metrics, the paired bootstrap by hand, the pairing of users,
 bad input."""
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("compare_versions",
-                                                  ROOT / "bench" / "compare_versions.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-cv = _load_script()
+from serving import compare as cv
 
 
 def edit_metadata(version_dir: Path, **changes) -> None:

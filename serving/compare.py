@@ -2,7 +2,7 @@
 leave-one-out test split (shared/PROTOCOL.md) from their own export, user by user, and the
 metric differences B - A get a paired bootstrap 95% confidence interval.
 
-    python bench/compare_versions.py MODEL_DIR A B [--index bruteforce|scann] \\
+    python -m serving.compare MODEL_DIR A B [--index bruteforce|scann] \\
         [--bootstrap 1000] [--seed 0] [--users N] [--json OUT] [-v]
 
 The test split comes from each version directory: user_histories.parquet holds every user's
@@ -36,27 +36,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import tfenv  # noqa: E402,F401  (TF settings before TensorFlow loads)
+import tfenv  # noqa: F401  (TF settings before TensorFlow loads)
 
 # isort: split
-import numpy as np  # noqa: E402
+import numpy as np
 
-from recdata.process import LEAVE_ONE_OUT  # noqa: E402
-from serving import contract as c  # noqa: E402
-from serving.batch import (  # noqa: E402
-    INDEXES,
-    BatchError,
-    exported_k,
-    parse_cli,
-    resolve_version,
-)
-from towers import run_dir as run_files  # noqa: E402
+from export import contract as c
+from recdata.process import LEAVE_ONE_OUT
+from serving.batch import INDEXES, BatchError, exported_k, parse_cli, resolve_version
+from towers import run_dir as run_files
 
-log = logging.getLogger("compare_versions")
+log = logging.getLogger(__name__)
 
-PROG = "compare_versions.py"
+PROG = "python -m serving.compare"
 CUTOFF = 10  # HR@10 and NDCG@10
 BATCH_SIZE = 256  # users per signature call
 RESAMPLE_BLOCK = 1 << 22  # resampled user indices held at once by the bootstrap

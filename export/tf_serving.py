@@ -21,7 +21,7 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import contract as c
+from export import contract as c
 
 
 def _model_server_config(export_dir: Path, names: Sequence[str]) -> str:
@@ -29,7 +29,7 @@ def _model_server_config(export_dir: Path, names: Sequence[str]) -> str:
     for name in names:
         model = config.model_config_list.config.add()
         model.name = name
-        # The README's docker command mounts saved_model/NAME at /models/NAME.
+        # docs/export.md's docker command mounts saved_model/NAME at /models/NAME.
         model.base_path = f"/models/{export_dir.name}/{c.TF_SERVING_DIR}/{name}"
         model.model_platform = "tensorflow"
     return text_format.MessageToString(config)
