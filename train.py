@@ -15,6 +15,7 @@ from pathlib import Path
 from training import cli  # noqa: I001  (imports tfenv; TensorFlow itself loads later)
 from training.cluster import cluster_task, serve
 from training.config import config_from_args
+from training.resume import TrainingDiverged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
             write_run_report(args.run)  # logs the report's path
             return 0
         args = cli.train_parser().parse_args(argv)
-        config = config_from_args(args)
+        config, resume_dir = cli.resolve_resume(args)
+        if not config:
+            config = config_from_args(args)
         task = cluster_task(config)  # TF_CONFIG, with --distribute multiworker|parameter_server
         if task.serves:  # a parameter-server cluster's worker or ps: serve until stopped
             serve(task)
@@ -48,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         from training.run_report import try_run_report
         from training.trainer import train
 
-        run_dir = cli.run_dir_for(args.runs_dir, args.out)
-        results = train(config, args.data, run_dir, export_dir=Path(args.out))
+        run_dir = resume_dir or cli.run_dir_for(args.runs_dir, args.out)
+        results = train(config, args.data, run_dir, export_dir=Path(args.out),
+                        resume=resume_dir is not None)
         if not task.is_chief:
             print(f"{task.task_type} {task.task_index} done; the chief wrote the run directory")
             return 0
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

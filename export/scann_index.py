@@ -144,7 +144,8 @@ class Tuner:
             self.curve.append({"leaves_to_search": leaves, "reorder": reorder,
                                "recall@10": round(recall, 4),
                                "ms_per_query": round(self.latency_ms(leaves, reorder), 4)})
-            log.info("ScaNN leaves %d / reorder %d: recall@10 %.4f, %.3f ms per query", leaves,
+            # One line per tried point with -v; the curve is in the report.
+            log.debug("ScaNN leaves %d / reorder %d: recall@10 %.4f, %.3f ms per query", leaves,
                      reorder, recall, self.curve[-1]["ms_per_query"])
         return self._recall[(leaves, reorder)]
 

@@ -7,6 +7,8 @@ vector per position; the vector at the newest item is the user's state.
 
 import tensorflow as tf
 
+from sequential.dropout import GeneratorDropout
+
 
 @tf.keras.utils.register_keras_serializable(package="towerrec")
 class GRU4Rec(tf.keras.layers.Layer):
@@ -30,7 +32,7 @@ class GRU4Rec(tf.keras.layers.Layer):
         self.num_layers = num_layers
         self.dropout_rate = dropout
         self.num_event_types = num_event_types
-        self.dropout = tf.keras.layers.Dropout(dropout)
+        self.dropout = GeneratorDropout(dropout)
         self.grus = [
             tf.keras.layers.GRU(dim, return_sequences=True, name=f"gru_{i}")
             for i in range(num_layers)

@@ -12,6 +12,7 @@ import math
 
 import tensorflow as tf
 
+from sequential.dropout import GeneratorDropout
 from sequential.masks import causal_attention_bias, positions_from_newest
 
 
@@ -58,7 +59,7 @@ class _SelfAttentionBlock(tf.keras.layers.Layer):
         self.ffn_norm = norm(epsilon=epsilon, name="ffn_norm")
         self.ffn_hidden = tf.keras.layers.Dense(ffn_dim, activation="relu", name="ffn_hidden")
         self.ffn_output = tf.keras.layers.Dense(dim, name="ffn_output")
-        self.dropout = tf.keras.layers.Dropout(dropout)
+        self.dropout = GeneratorDropout(dropout)
 
     def build(self, input_shape):
         for layer, width in [
@@ -154,7 +155,7 @@ class SASRec(tf.keras.layers.Layer):
         self.ffn_dim = ffn_dim or dim
         self.epsilon = epsilon
         self.layout = layout
-        self.dropout = tf.keras.layers.Dropout(dropout)
+        self.dropout = GeneratorDropout(dropout)
         self.blocks = [
             _SelfAttentionBlock(
                 dim, num_heads, self.ffn_dim, dropout, epsilon, layout, name=f"block_{i}"

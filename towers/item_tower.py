@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from towers.random_draws import uniform_draws
 from towers.text_encoder import pool_hidden_states
 
 
@@ -41,6 +42,7 @@ class ItemTower(tf.keras.layers.Layer):
         # et al. 2017): the text + metadata path learns to stand alone, as it must for items
         # never seen in training.
         self.id_dropout = id_dropout
+        self.rng = None  # set by TwoTowerModel.seed_generator (towers/random_draws.py)
         self.num_items = num_items  # real items are 1..num_items
         self.dim = dim
         self.text_dim = text_dim  # width of text vectors (0 = no text)
@@ -185,7 +187,7 @@ class ItemTower(tf.keras.layers.Layer):
         input, target and negative) or nowhere."""
         if not self.id_dropout:
             return None
-        return tf.random.uniform([], 0, 2**31 - 1, tf.int64)
+        return uniform_draws(self.rng, [], 0, 2**31 - 1, tf.int64)
 
     def call(self, item_idx: tf.Tensor, drop_seed: tf.Tensor | None = None) -> tf.Tensor:
         shape = tf.shape(item_idx)

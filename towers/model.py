@@ -13,6 +13,7 @@ import tensorflow_recommenders as tfrs
 
 from towers import run_dir as run_files
 from towers.item_tower import ItemTower
+from towers.random_draws import uniform_draws
 from towers.spec import ModelSpec
 from towers.tasks import NextItemRetrieval
 from towers.user_tower import UserTower
@@ -69,6 +70,7 @@ class TwoTowerModel(tfrs.models.Model):
         # are not length-bucketed): see compute_loss.
         self.positions_per_batch = positions_per_batch
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")  # epoch mean, not last batch
+        self.rng = None  # stateful random ops; see seed_generator
         self.ranking_head = RankingHead(item_tower.dim, 2 * item_tower.dim,
                                         name="ranking_head")
         # Without a ranking task the head gets no gradient: keep it out of the optimizer.
@@ -129,6 +131,16 @@ class TwoTowerModel(tfrs.models.Model):
         return model, spec
 
     # ---- inference pieces, reused by evaluation and export ----
+    def seed_generator(self, seed: int) -> None:
+        """Draw this model's training randomness (id dropout, negatives, the user tower's
+        dropout masks) from one tf.random.Generator saved with its checkpoints
+        (towers/random_draws.py, sequential/dropout.py). Call inside the strategy scope,
+        before training."""
+        self.rng = tf.random.Generator.from_seed(seed)
+        for layer in (self.item_tower, self.retrieval, *self.user_tower._flatten_layers()):
+            if hasattr(layer, "rng"):
+                layer.rng = self.rng
+
     def all_item_vectors(self, drop_seed: tf.Tensor | None = None) -> tf.Tensor:
         """Every item's scored vector [num_items + 1, score_dim] (row 0 padding)."""
         ids = tf.range(self.item_tower.num_items + 1)
@@ -219,8 +231,8 @@ class TwoTowerModel(tfrs.models.Model):
         else:
             # Observed next items (label 1 if purchased) against one uniform negative each.
             positives = tf.boolean_mask(features["target_purchase"], has_target)
-            negative_ids = tf.random.uniform(tf.shape(positives), 1,
-                                             self.item_tower.num_items + 1, tf.int32)
+            negative_ids = uniform_draws(self.rng, tf.shape(positives), 1,
+                                         self.item_tower.num_items + 1, tf.int32)
             negatives = tf.cast(self.item_tower(negative_ids, drop_seed=seed), tf.float32)
             predictions = tf.concat([self.ranking_head(queries, target_vectors),
                                      self.ranking_head(queries, negatives)], axis=0)

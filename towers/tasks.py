@@ -16,6 +16,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from towers.item_tower import split_content
+from towers.random_draws import uniform_draws
 
 
 def inclusion_probability(candidate_ids: tf.Tensor, popularity: tf.Tensor,
@@ -49,6 +50,7 @@ class NextItemRetrieval(tf.keras.layers.Layer):
         # The loss is computed in float32 even under a mixed-precision policy.
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
+        self.rng = None  # set by TwoTowerModel.seed_generator (towers/random_draws.py)
         if mode not in ("full", "sampled"):
             raise ValueError(f"retrieval mode must be 'full' or 'sampled', got {mode!r}")
         self.num_items, self.mode = num_items, mode
@@ -73,7 +75,8 @@ class NextItemRetrieval(tf.keras.layers.Layer):
         and `num_negatives` uniform draws of this replica: each item once.
         """
         replica = tf.distribute.get_replica_context()
-        negatives = tf.random.uniform([self.num_negatives], 1, self.num_items + 1, tf.int32)
+        negatives = uniform_draws(self.rng, [self.num_negatives], 1, self.num_items + 1,
+                                  tf.int32)
         if replica is None or replica.num_replicas_in_sync == 1:
             drawn = tf.concat([target_ids, negatives], axis=0)
             draws = tf.shape(target_ids)[0]

@@ -26,8 +26,14 @@ def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py", description="Train the two-tower model on a prepared data set, "
         "evaluate it (full-catalog leave-one-out) and export it for serving.")
-    parser.add_argument("--data", required=True, help="prepared data dir (prepare_data.py --out)")
-    parser.add_argument("--out", required=True, help="export dir, e.g. saved_model/NAME")
+    parser.add_argument("--data", help="prepared data dir (prepare_data.py --out); required "
+                        "unless --resume")
+    parser.add_argument("--out", help="export dir, e.g. saved_model/NAME; required unless "
+                        "--resume")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue this run from its last completed epoch (one machine): "
+                        "the same data and settings (a difference is refused by name); --data "
+                        "and --out default to the run's")
     parser.add_argument("--config", help="YAML file of TrainConfig settings; flags override it")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go")
     _verbose_flag(parser)
@@ -54,6 +60,36 @@ def report_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_resume(args: argparse.Namespace):
+    """(config, run dir) of `--resume RUN_DIR`: the run's settings with the flags given on top
+    (any that differ are refused later, by name), and --data / --out filled in from the run;
+    (None, None) without --resume. Without it, --data and --out are required."""
+    if not args.resume:
+        missing = [flag for flag in ("data", "out") if not getattr(args, flag)]
+        if missing:
+            raise ValueError(f"--{' and --'.join(missing)} required (or --resume RUN_DIR)")
+        return None, None
+    import dataclasses
+    import json
+
+    from towers import run_dir as run_files
+    from training.config import TrainConfig
+
+    run_dir = Path(args.resume)
+    if not (run_dir / run_files.CONFIG).exists():
+        raise ValueError(f"--resume {run_dir}: not a run directory (no {run_files.CONFIG})")
+    info = json.loads((run_dir / run_files.EXPORT_INFO).read_text())
+    args.data = args.data or info["data"]
+    args.out = args.out or info["export_dir"] or f"saved_model/{run_dir.name}"
+    config = (TrainConfig.from_yaml(args.config) if args.config
+              else TrainConfig.from_yaml(run_dir / run_files.CONFIG))
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    config = dataclasses.replace(config, **overrides)
+    config.validate()
+    return config, run_dir
+
+
 def run_dir_for(runs_dir: str | Path, export_dir: str | Path) -> Path:
     """runs/NAME-TIMESTAMP, NAME being the export directory's name."""
     return Path(runs_dir) / f"{Path(export_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -77,8 +113,8 @@ def configure_logging(verbose: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if verbose else logging.WARNING)
-    for name in OWN_PACKAGES:
-        logging.getLogger(name).setLevel(logging.INFO)
+    for name in OWN_PACKAGES:  # verbose: our DEBUG lines too (e.g. each ScaNN tuning point)
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def is_verbose(argv: list[str]) -> bool:

@@ -4,9 +4,11 @@ servers), and Keras `fit` with validation callbacks."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from towers.model import TwoTowerModel
 from training.cluster import ClusterTask, parameter_server_strategy
 from training.config import TrainConfig
 from training.precision import Precision
+from training.resume import epoch_seed
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +48,30 @@ def device_name() -> str:
 
 
 def training_dataset(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
-                     use_events: bool, bucket_batches: int = 32) -> tf.data.Dataset:
+                     use_events: bool, bucket_batches: int = 32,
+                     epoch_of: Callable[[], int] | None = None) -> tf.data.Dataset:
     """Shuffled batches of left-padded windows, cut to the longest window in each batch.
 
     Sequences are shuffled, then sorted by length inside groups of `bucket_batches` batches,
     so a batch holds windows of similar length and the all-padding columns on its left can be
     dropped (exact: positions count from the newest item). Saves most of the attention cost
-    on data sets whose users are mostly shorter than max_seq_len. Reshuffled every epoch.
+    on data sets whose users are mostly shorter than max_seq_len. Reshuffled every epoch, in
+    an order that depends on the seed and the epoch number only, so a resumed run sees the
+    batches the uninterrupted one would. `epoch_of()` says which epoch a pass is for (default:
+    0, 1, 2, ... per pass). Keras starts and drops one extra iterator before the first epoch,
+    which may or may not reach the generator: fit's epoch number comes from a callback.
     """
     names = ["history", "targets", "target_values", "target_purchase"]
     if use_events:
         names.append("event_types")
     lengths = (arrays["history"] > 0).sum(axis=1)
-    rng = np.random.default_rng(seed)
     group = batch_size * max(bucket_batches, 1)  # 0 or 1: plain shuffled batches
+    if epoch_of is None:
+        passes = itertools.count()
+        epoch_of = lambda: next(passes)  # noqa: E731
 
     def batches():
+        rng = epoch_seed(seed, epoch_of())
         order = rng.permutation(len(lengths))
         chunks = []
         for start in range(0, len(order), group):
@@ -73,7 +84,14 @@ def training_dataset(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
             yield {name: arrays[name][rows, -width:] for name in names}
 
     signature = {name: tf.TensorSpec([None, None], arrays[name].dtype) for name in names}
-    return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
+    # A known length: Keras then runs exactly that many steps from the first epoch on. Without
+    # it, the first epoch of a process ends with a step that fails on the exhausted iterator,
+    # and that step's random draws (which do not wait for the data) would still advance the
+    # model's generator: a resumed run would drift from the uninterrupted one.
+    n = len(lengths)
+    size = sum(math.ceil(min(group, n - start) / batch_size) for start in range(0, n, group))
+    return (tf.data.Dataset.from_generator(batches, output_signature=signature)
+            .apply(tf.data.experimental.assert_cardinality(size)).prefetch(2))
 
 
 def parameter_server_dataset(arrays: dict[str, np.ndarray], batch_size: int,
@@ -107,19 +125,26 @@ def parameter_server_dataset(arrays: dict[str, np.ndarray], batch_size: int,
 
 
 def fit(model: TwoTowerModel, windows: dict[str, np.ndarray], config: TrainConfig,
-        run_dir: Path, validation: tf.keras.callbacks.Callback, use_events: bool) -> None:
-    """Keras fit over the training windows until the epochs, patience or budget run out; the
-    validation callback logs each epoch's line, CSVLogger and TensorBoard keep the curves.
-    Under ParameterServerStrategy the chief schedules an epoch's steps on the workers."""
+        run_dir: Path, callbacks: list[tf.keras.callbacks.Callback], use_events: bool,
+        first_epoch: int = 0) -> None:
+    """Keras fit over the training windows from `first_epoch` until the epochs, patience or
+    budget run out; `callbacks` (validation first) log each epoch's line, CSVLogger and
+    TensorBoard keep the curves. Under ParameterServerStrategy the chief schedules an epoch's
+    steps on the workers."""
     steps = None
     if isinstance(model.distribute_strategy, tf.distribute.ParameterServerStrategy):
         dataset = parameter_server_dataset(windows, config.batch_size, use_events)
         steps = math.ceil(len(windows["history"]) / config.batch_size)
     else:
+        upcoming = [first_epoch]  # the epoch the next pass over the data is for
         dataset = training_dataset(windows, config.batch_size, config.seed, use_events,
-                                   config.bucket_batches)
-    callbacks = [validation, tf.keras.callbacks.CSVLogger(str(run_dir / run_files.HISTORY)),
+                                   config.bucket_batches, epoch_of=lambda: upcoming[0])
+        callbacks = [*callbacks, tf.keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: upcoming.__setitem__(0, epoch + 1))]
+    callbacks = [*callbacks,
+                 tf.keras.callbacks.CSVLogger(str(run_dir / run_files.HISTORY),
+                                              append=first_epoch > 0),
                  tf.keras.callbacks.TensorBoard(str(run_dir / "tensorboard"),
                                                 write_graph=False, profile_batch=0)]
     model.fit(dataset, epochs=config.epochs, steps_per_epoch=steps, callbacks=callbacks,
-              verbose=0)
+              verbose=0, initial_epoch=first_epoch)

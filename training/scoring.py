@@ -156,6 +156,19 @@ class ValidationCallback(tf.keras.callbacks.Callback):
         if _any_worker(self.model.distribute_strategy, bool(stop)):
             self.model.stop_training = True
 
+    def state(self) -> dict:
+        """The bookkeeping a resumed run continues from (training/resume.py)."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+                "every": self.every, "validated": self.validated,
+                "epoch_times": self.epoch_times, "valid_times": self.valid_times,
+                "elapsed": time.time() - self.started}
+
+    def load_state(self, state: dict) -> None:
+        self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+        self.every, self.validated = state["every"], state["validated"]
+        self.epoch_times, self.valid_times = list(state["epoch_times"]), list(state["valid_times"])
+        self.started = time.time() - state["elapsed"]  # the budget counts the time spent
+
     def summary(self) -> dict:
         """What validation cost and how it was scheduled, for the run's metrics."""
         training, validating = float(sum(self.epoch_times)), float(sum(self.valid_times))

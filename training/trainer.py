@@ -24,6 +24,7 @@ from training.fit import device_name, fit, make_strategy
 from training.optimizers import make_optimizer, resolve_optimizer
 from training.precision import device_precision
 from training.report import write_report
+from training.resume import EpochState, TrainingDiverged, check_same_run, finish, restore
 from training.scoring import UserScorer, ValidationCallback, score_test_split, validation_rows
 from training.sequences import eval_set
 
@@ -31,10 +32,12 @@ log = logging.getLogger(__name__)
 
 
 def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
-          export_dir: str | Path | None = None) -> dict:
+          export_dir: str | Path | None = None, resume: bool = False) -> dict:
     """Train, validate every epoch, test once; returns the metrics written to metrics.json.
 
     `export_dir` is only recorded in the run directory, as the default target of an export.
+    `resume`: continue `run_dir` from its last completed epoch (training/resume.py; one
+    machine only), refusing if the settings or the data differ from the run's.
     In a multi-worker cluster only the chief writes `run_dir`; the other workers train in step
     with it, keep their files in a temporary directory and delete it.
     """
@@ -42,8 +45,13 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     if task.serves:
         raise ValueError(f"TF_CONFIG task {task.task_type}:{task.task_index} only runs a "
                          "server (train.py starts it); the chief trains")
+    if resume and task.mode != "single":
+        raise ValueError("--resume continues a run on one machine; resuming a cluster run is "
+                         "not supported yet")
+    if resume:
+        check_same_run(Path(run_dir), config, Path(data_dir))
     if task.is_chief:
-        return _train(config, task, data_dir, Path(run_dir), export_dir)
+        return _train(config, task, data_dir, Path(run_dir), export_dir, resume)
     scratch = Path(tempfile.mkdtemp(prefix=f"towerrec-{task.task_type}{task.task_index}-"))
     try:
         return _train(config, task, data_dir, scratch, export_dir)
@@ -52,16 +60,20 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
 
 
 def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir: Path,
-           export_dir: str | Path | None) -> dict:
+           export_dir: str | Path | None, resume: bool = False) -> dict:
     started = time.time()
     precision = device_precision(config.mixed_precision)  # refuses before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / run_files.CONFIG)
-    (run_dir / run_files.EXPORT_INFO).write_text(json.dumps({
-        "data": str(Path(data_dir).resolve()),
-        "export_dir": str(Path(export_dir).resolve()) if export_dir else None}, indent=2))
+    if not resume:
+        config.save(run_dir / run_files.CONFIG)
+        (run_dir / run_files.EXPORT_INFO).write_text(json.dumps({
+            "data": str(Path(data_dir).resolve()),
+            "export_dir": str(Path(export_dir).resolve()) if export_dir else None}, indent=2))
     tf.keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
+    # One machine: the step's random draws come from a generator saved with the checkpoints,
+    # so a resumed run continues its stream (training/resume.py). Clusters keep stateful ops.
+    local = task.mode == "single"
 
     if task.mode == "parameter_server":  # the item tables' partitioner needs the catalog size
         data = load_training_data(config, data_dir)
@@ -86,6 +98,8 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
         model = TwoTowerModel.from_spec(spec, data.positions_per_batch(config))
         install_features(model, features, data.popularity, spec.text_pooling,
                          spec.finetune_layers, config.id_init)
+        if local:
+            model.seed_generator(config.seed)
         model.compile(optimizer=make_optimizer(optimizer, config.lr, config.adam_beta2))
     shards = sharded_tables(model.item_tower)
     for name, devices in shards.items():
@@ -105,7 +119,22 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
              "ranking: %s, %s) on %s", config.user_tower, f"{len(data.windows['history']):,}",
              f"{data.positions:,}", f"{seqs.num_items:,}", spec.retrieval_mode,
              spec.ranking_mode, optimizer, device_name())
-    fit(model, data.windows, config, run_dir, validation, use_events)
+    epoch_state = EpochState(run_dir, validation,
+                             tf.train.Checkpoint(model=model, optimizer=model.optimizer))
+    first_epoch, finished = 0, False
+    if resume:
+        first_epoch, finished = restore(run_dir, epoch_state.manager.checkpoint, validation)
+        log.info("resuming %s after epoch %d (best so far: epoch %d, valid NDCG@10 %.4f)%s",
+                 run_dir, first_epoch, validation.best_epoch + 1, validation.best,
+                 "; training had ended, testing" if finished else "")
+    callbacks = [validation, epoch_state] if local else [validation]
+    if not finished:
+        fit(model, data.windows, config, run_dir, callbacks, use_events, first_epoch)
+    if epoch_state.diverged:
+        kept = (f"the best checkpoint so far (epoch {validation.best_epoch + 1}) is kept in "
+                f"{checkpoint}" if validation.best_epoch >= 0 else "no epoch was validated")
+        raise TrainingDiverged(f"{epoch_state.diverged}; stopped, not tested or exported; "
+                               f"{kept}. Try a lower --lr.")
 
     # The test split is scored once, with the checkpoint chosen on validation.
     model.load_weights(str(checkpoint))
@@ -139,4 +168,5 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
         "item_table_shards": shards,
         "precision": precision.policy, "precision_reason": precision.reason,
         "wall_seconds": round(time.time() - started, 1)}, data.manifest, html=task.is_chief)
+    finish(run_dir)
     return results
