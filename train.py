@@ -15,7 +15,7 @@ from pathlib import Path
 from training import cli  # noqa: I001  (imports tfenv; TensorFlow itself loads later)
 from training.cluster import cluster_task, serve
 from training.config import config_from_args
-from training.resume import TrainingDiverged
+from training.resume import TrainingStopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except TrainingDiverged as err:
+    except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -137,3 +137,29 @@ def test_a_loss_that_is_not_finite_stops_the_run_and_keeps_the_best_checkpoint(t
     run = tmp_path / "run"
     assert not (run / run_files.METRICS).exists()
     assert not (tmp_path / "export").exists()
+
+
+def test_a_full_disk_stops_the_run_and_the_last_state_still_resumes(tmp_path, monkeypatch):
+    import errno
+
+    from training.config import TrainConfig
+    from training.resume import TrainingStopped, resumable
+    from training.trainer import train
+
+    real_save = tf.train.CheckpointManager.save
+
+    def save(self, checkpoint_number=None, **kwargs):
+        if checkpoint_number == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, checkpoint_number=checkpoint_number, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+    with pytest.raises(TrainingStopped, match=r"after epoch 3 .*No space left on device.*"
+                                              r"state after epoch 2 is kept"):
+        train_tiny(tmp_path, epochs=4, export=False, text_model=None)
+    run = tmp_path / "run"
+    assert resumable(run)["epoch"] == 2
+    monkeypatch.undo()  # space again: the run continues from epoch 2
+    metrics = train(TrainConfig.from_yaml(run / run_files.CONFIG), tmp_path / "data", run,
+                    resume=True)
+    assert metrics["epochs"] == 4 and np.isfinite(metrics["test"]["ndcg@10"])

@@ -34,7 +34,11 @@ DIR = "resume"
 STATE = "state.json"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (exit 1); the message says why and what the run directory keeps."""
+
+
+class TrainingDiverged(TrainingStopped):
     """The loss became NaN or infinite; the run directory keeps the last good checkpoint."""
 
 
@@ -108,10 +112,18 @@ class EpochState(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.diverged:
             return
-        path = self.manager.save(checkpoint_number=epoch + 1)
-        self.state = {"epoch": epoch + 1, "checkpoint": Path(path).name,
-                      "validation": self.validation.state(), "finished": False}
-        _write_atomically(self.dir / STATE, json.dumps(self.state, indent=2))
+        try:
+            path = self.manager.save(checkpoint_number=epoch + 1)
+            state = {"epoch": epoch + 1, "checkpoint": Path(path).name,
+                     "validation": self.validation.state(), "finished": False}
+            _write_atomically(self.dir / STATE, json.dumps(state, indent=2))
+        except (OSError, tf.errors.OpError) as err:  # e.g. the disk is full
+            kept = (f"the state after epoch {self.state['epoch']} is kept and --resume "
+                    "continues from it" if getattr(self, "state", None)
+                    else "no earlier state to resume from")
+            raise TrainingStopped(f"could not write the resume state after epoch {epoch + 1} "
+                                  f"in {self.dir} ({err}); {kept}") from None
+        self.state = state
 
     def on_train_end(self, logs=None):
         # Stopped by patience, budget or the epoch count: a resume goes straight to the test.
