@@ -31,9 +31,10 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="export dir, e.g. saved_model/NAME; required unless "
                         "--resume")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue this run from its last completed epoch (one machine): "
-                        "the same data and settings (a difference is refused by name); --data "
-                        "and --out default to the run's")
+                        help="continue this run from its last completed epoch: the same data "
+                        "and settings (a difference is refused by name); --data and --out "
+                        "default to the run's. Clusters: a parameter-server chief, or every "
+                        "multiworker worker, with the chief's run directory")
     parser.add_argument("--config", help="YAML file of TrainConfig settings; flags override it")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go")
     _verbose_flag(parser)

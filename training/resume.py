@@ -87,15 +87,12 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class EpochState(tf.keras.callbacks.Callback):
-    """Saves the resume state after each epoch (after validation, which runs before it in the
-    callback list) and stops the run on a loss that is not finite."""
+class LossGuard(tf.keras.callbacks.Callback):
+    """Stops the run at the first step whose loss is not finite (one machine; parameter-server
+    clusters allow no step-level callbacks, EpochState checks their epoch's loss)."""
 
-    def __init__(self, run_dir: Path, validation, checkpoint: tf.train.Checkpoint):
+    def __init__(self):
         super().__init__()
-        self.dir = Path(run_dir) / DIR
-        self.validation = validation
-        self.manager = tf.train.CheckpointManager(checkpoint, str(self.dir), max_to_keep=2)
         self.epoch = 0
         self.diverged: str | None = None
 
@@ -109,7 +106,26 @@ class EpochState(tf.keras.callbacks.Callback):
                              f"{self.epoch + 1}, step {batch + 1}")
             self.model.stop_training = True
 
+
+class EpochState(tf.keras.callbacks.Callback):
+    """Saves the resume state after each epoch (after validation, which runs before it in the
+    callback list), unless the epoch's loss is not finite: then it stops the run."""
+
+    def __init__(self, run_dir: Path, validation, checkpoint: tf.train.Checkpoint,
+                 guard: LossGuard | None = None):
+        super().__init__()
+        self.dir = Path(run_dir) / DIR
+        self.validation, self.guard = validation, guard
+        self.manager = tf.train.CheckpointManager(checkpoint, str(self.dir), max_to_keep=2)
+        self.diverged: str | None = None
+
     def on_epoch_end(self, epoch, logs=None):
+        if self.guard is not None and self.guard.diverged:
+            self.diverged = self.guard.diverged
+        loss = float((logs or {}).get("loss", 0.0))
+        if not self.diverged and not math.isfinite(loss):
+            self.diverged = f"the training loss became {loss} in epoch {epoch + 1}"
+            self.model.stop_training = True
         if self.diverged:
             return
         try:

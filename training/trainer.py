@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -24,7 +25,16 @@ from training.fit import device_name, fit, make_strategy
 from training.optimizers import make_optimizer, resolve_optimizer
 from training.precision import device_precision
 from training.report import write_report
-from training.resume import EpochState, TrainingDiverged, check_same_run, finish, restore
+from training.resume import (
+    EpochState,
+    LossGuard,
+    TrainingDiverged,
+    TrainingStopped,
+    check_same_run,
+    finish,
+    restore,
+    resumable,
+)
 from training.scoring import UserScorer, ValidationCallback, score_test_split, validation_rows
 from training.sequences import eval_set
 
@@ -36,8 +46,9 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     """Train, validate every epoch, test once; returns the metrics written to metrics.json.
 
     `export_dir` is only recorded in the run directory, as the default target of an export.
-    `resume`: continue `run_dir` from its last completed epoch (training/resume.py; one
-    machine only), refusing if the settings or the data differ from the run's.
+    `resume`: continue `run_dir` from its last completed epoch (training/resume.py),
+    refusing if the settings or the data differ from the run's; a multiworker cluster's other
+    workers restore the chief's `run_dir` too.
     In a multi-worker cluster only the chief writes `run_dir`; the other workers train in step
     with it, keep their files in a temporary directory and delete it.
     """
@@ -45,22 +56,40 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     if task.serves:
         raise ValueError(f"TF_CONFIG task {task.task_type}:{task.task_index} only runs a "
                          "server (train.py starts it); the chief trains")
-    if resume and task.mode != "single":
-        raise ValueError("--resume continues a run on one machine; resuming a cluster run is "
-                         "not supported yet")
     if resume:
         check_same_run(Path(run_dir), config, Path(data_dir))
     if task.is_chief:
         return _train(config, task, data_dir, Path(run_dir), export_dir, resume)
     scratch = Path(tempfile.mkdtemp(prefix=f"towerrec-{task.task_type}{task.task_index}-"))
-    try:
-        return _train(config, task, data_dir, scratch, export_dir)
+    try:  # a resumed worker restores the chief's state (its run directory, a shared path)
+        return _train(config, task, data_dir, scratch, export_dir, resume,
+                      resume_from=Path(run_dir))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def unavailable_task(err: Exception) -> str:
+    """Which task an UnavailableError is about, in a few words (TensorFlow's own first line is
+    often just 'Graph execution error:')."""
+    text = str(err)
+    for pattern, say in ((r"(/job:[\w/:]+) is down", "{} is down"),
+                         (r"[Ee]rror reported from (/job:[\w/:]+)", "error reported from {}"),
+                         (r"ipv4:([\d.]+:\d+)", "{} refuses connections")):
+        found = re.search(pattern, text)
+        if found:
+            detail = say.format(found.group(1).rstrip(":"))
+            break
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = (lines or [type(err).__name__])[0][:200]
+    if type(err).__name__ == "PSUnavailableError":
+        return f"a parameter server: {detail}"
+    return detail
+
+
 def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir: Path,
-           export_dir: str | Path | None, resume: bool = False) -> dict:
+           export_dir: str | Path | None, resume: bool = False,
+           resume_from: Path | None = None) -> dict:
     started = time.time()
     precision = device_precision(config.mixed_precision)  # refuses before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,17 +148,33 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
              "ranking: %s, %s) on %s", config.user_tower, f"{len(data.windows['history']):,}",
              f"{data.positions:,}", f"{seqs.num_items:,}", spec.retrieval_mode,
              spec.ranking_mode, optimizer, device_name())
+    guard = LossGuard() if local else None
     epoch_state = EpochState(run_dir, validation,
-                             tf.train.Checkpoint(model=model, optimizer=model.optimizer))
+                             tf.train.Checkpoint(model=model, optimizer=model.optimizer), guard)
     first_epoch, finished = 0, False
     if resume:
-        first_epoch, finished = restore(run_dir, epoch_state.manager.checkpoint, validation)
+        first_epoch, finished = restore(resume_from or run_dir, epoch_state.manager.checkpoint,
+                                        validation)
         log.info("resuming %s after epoch %d (best so far: epoch %d, valid NDCG@10 %.4f)%s",
-                 run_dir, first_epoch, validation.best_epoch + 1, validation.best,
+                 resume_from or run_dir, first_epoch, validation.best_epoch + 1, validation.best,
                  "; training had ended, testing" if finished else "")
-    callbacks = [validation, epoch_state] if local else [validation]
+    # Resume state after every epoch: one machine, a parameter-server cluster's chief (its
+    # checkpoint reads the variables from the ps tasks), every multiworker worker (the chief's
+    # in the run directory, the others' in their scratch directories, as Keras's own
+    # BackupAndRestore does it). The step-level loss check on one machine only.
+    callbacks = ([validation, guard, epoch_state] if local else [validation, epoch_state])
     if not finished:
-        fit(model, data.windows, config, run_dir, callbacks, use_events, first_epoch)
+        try:
+            fit(model, data.windows, config, run_dir, callbacks, use_events, first_epoch)
+        except tf.errors.UnavailableError as err:  # a ps (or every worker) went away
+            saved = getattr(epoch_state, "state", None) or resumable(run_dir)
+            again = (f"restart every worker with --resume {run_dir}"
+                     if task.mode == "multiworker" else
+                     f"restart the stopped tasks, then this chief with --resume {run_dir}")
+            kept = (f"the state after epoch {saved['epoch']} is kept: {again}" if saved
+                    else "no epoch completed; start the run again")
+            raise TrainingStopped(f"a cluster task stopped answering during training "
+                                  f"({unavailable_task(err)}); {kept}") from None
     if epoch_state.diverged:
         kept = (f"the best checkpoint so far (epoch {validation.best_epoch + 1}) is kept in "
                 f"{checkpoint}" if validation.best_epoch >= 0 else "no epoch was validated")
