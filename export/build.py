@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -206,8 +207,9 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
                     "it", no_item_tower)
 
     export_dir.mkdir(parents=True, exist_ok=True)
+    _remove_dead_parts(export_dir)
     version = next_version(export_dir)
-    tmp = export_dir / f".tmp-{version}-{os.getpid()}"
+    tmp = export_dir / f".tmp-{version}-{socket.gethostname()}-{os.getpid()}"
     ids = items["item_id"].astype(str).to_numpy()
     warmup_event = spec.event_type_of_requests or (spec.event_vocab or [None])[0]
     try:
@@ -268,6 +270,20 @@ def export_run(run_dir: Path, export_dir: Path | None = None) -> Path:
     log.info("exported version %d to %s (%.1fs)", version, export_dir / str(version),
              time.time() - started)
     return export_dir / str(version)
+
+
+def _remove_dead_parts(export_dir: Path) -> None:
+    """Deletes the half-written versions (`.tmp-VERSION-HOST-PID`) of exports that were killed
+    on this host: their process is gone. Other hosts' (a shared directory) are left alone."""
+    host = socket.gethostname()
+    for part in export_dir.glob(f".tmp-*-{host}-*"):
+        try:
+            os.kill(int(part.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:  # dead: nothing will finish it
+            shutil.rmtree(part, ignore_errors=True)
+            log.info("removed %s, left by an export that was killed", part)
+        except (ValueError, PermissionError):  # not ours, or alive under another user
+            continue
 
 
 def _before_rename_hook(tmp: Path) -> None:

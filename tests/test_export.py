@@ -184,6 +184,37 @@ def test_interrupted_export_leaves_no_version(tiny_export, monkeypatch):
     assert not list(target.glob(".tmp-*"))
 
 
+def test_export_killed_while_writing_leaves_no_version_and_runs_again(tiny_export, tmp_path):
+    """SIGKILL while the SavedModels are being written (no handler runs): no version directory
+    appears, the run directory is untouched, and the same command again exports version 1,
+    removing the killed export's half-written part."""
+    import os
+    import signal
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir, _, _ = tiny_export
+    target = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    command = [sys.executable, str(root / "train.py"), "export", "--run", str(run_dir),
+               "--out", str(target)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list(target.glob(".tmp-*/*")):  # writing has begun
+        assert process.poll() is None and time.time() < deadline, "export never started writing"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert not any(p.name.isdigit() for p in target.iterdir())
+    assert len(list(target.glob(".tmp-*"))) == 1  # what the killed export left
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "left by an export that was killed" in again.stderr
+    assert [p.name for p in target.iterdir() if not p.name.startswith("tf_serving")] == ["1"]
+    assert (target / "1" / "retrieval_bruteforce" / "saved_model.pb").exists()
+
+
 def test_reexport_makes_next_version(tiny_export, tmp_path):
     run_dir, _, _ = tiny_export
     out = tmp_path / "models"

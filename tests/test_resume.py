@@ -163,3 +163,25 @@ def test_a_full_disk_stops_the_run_and_the_last_state_still_resumes(tmp_path, mo
     metrics = train(TrainConfig.from_yaml(run / run_files.CONFIG), tmp_path / "data", run,
                     resume=True)
     assert metrics["epochs"] == 4 and np.isfinite(metrics["test"]["ndcg@10"])
+
+
+def test_a_run_stopped_after_training_resumes_straight_to_the_test(tmp_path, monkeypatch):
+    from training import trainer
+    from training.config import TrainConfig
+    from training.resume import resumable
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed while testing")
+
+    monkeypatch.setattr(trainer, "score_test_split", crash)
+    with pytest.raises(RuntimeError, match="killed while testing"):
+        train_tiny(tmp_path, epochs=2, export=False, text_model=None)
+    run = tmp_path / "run"
+    assert resumable(run) == {**resumable(run), "epoch": 2, "finished": True}
+    monkeypatch.undo()
+    fitted = []
+    monkeypatch.setattr(trainer, "fit", lambda *args, **kwargs: fitted.append(1))
+    metrics = trainer.train(TrainConfig.from_yaml(run / run_files.CONFIG), tmp_path / "data",
+                            run, resume=True)
+    assert not fitted and metrics["epochs"] == 2 and np.isfinite(metrics["test"]["ndcg@10"])
+    assert len((run / run_files.HISTORY).read_text().splitlines()) == 3  # header + 2 epochs

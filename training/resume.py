@@ -153,9 +153,13 @@ def restore(run_dir: Path, checkpoint: tf.train.Checkpoint, validation) -> tuple
     number of completed epochs (the epoch to start from) and whether training had ended."""
     state = resumable(run_dir)
     path = Path(run_dir) / DIR / state["checkpoint"]
-    checkpoint.restore(str(path)).assert_existing_objects_matched()
+    status = checkpoint.restore(str(path))
+    status.assert_existing_objects_matched()
+    finished = bool(state.get("finished"))
+    if finished:  # no more steps: the optimizer's slots are never created to take their values
+        status.expect_partial()
     validation.load_state(state["validation"])
-    return int(state["epoch"]), bool(state.get("finished"))
+    return int(state["epoch"]), finished
 
 
 def finish(run_dir: Path) -> None:

@@ -182,7 +182,7 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
                                f"{kept}. Try a lower --lr.")
 
     # The test split is scored once, with the checkpoint chosen on validation.
-    model.load_weights(str(checkpoint))
+    model.load_weights(str(checkpoint)).expect_partial()  # optimizer slots: not needed now
     text = features.text
     if spec.text_tokens:  # fine-tuned: export rebuilds the item tower from these vectors
         ids = np.arange(seqs.num_items + 1, dtype=np.int32)
