@@ -1,6 +1,7 @@
-"""Clusters that lose a process (loopback, every process started and stopped here): a
-parameter-server worker killed with SIGKILL during training; the chief's coordinator runs its
-steps on the other worker and the run finishes and exports."""
+"""Clusters that lose a process (loopback, every process started, killed and stopped here):
+a parameter-server worker (its steps run on the other worker), the chief (restarted with
+--resume), a ps (the chief stops with a message; a new cluster resumes), a multiworker worker
+(the other stops with a message; both resume)."""
 
 import json
 import signal
@@ -24,8 +25,11 @@ from test_distributed import (
 EPOCHS = 8
 
 
-def _epochs_logged(log) -> int:
-    return sum(line.startswith("epoch ") for line in log.read_text().splitlines())
+def _args(data, tmp_path, distribute: str, epochs: int = EPOCHS) -> list[str]:
+    tiny = list(TINY)
+    tiny[tiny.index("--epochs") + 1] = str(epochs)
+    return ["--data", str(data), "--out", str(tmp_path / "models" / "tiny"),
+            "--distribute", distribute, *tiny]
 
 
 def _epochs_saved(workdir) -> int:
@@ -38,37 +42,59 @@ def _epochs_saved(workdir) -> int:
     return 0
 
 
-def test_parameter_server_run_survives_a_killed_worker(tmp_path):
-    data = write_processed(tmp_path / "data", num_users=200)
+def _cluster(tmp_path, args, tag: str, chief_args: list[str]):
+    """ps x 2 and worker x 2 started and listening, then the chief with `chief_args`:
+    (servers, chief, chief log, chief TF_CONFIG)."""
     ports = _free_ports(5)
     cluster = {"chief": [f"127.0.0.1:{ports[0]}"],
                "worker": [f"127.0.0.1:{p}" for p in ports[1:3]],
                "ps": [f"127.0.0.1:{p}" for p in ports[3:5]]}
-    tiny = list(TINY)
-    tiny[tiny.index("--epochs") + 1] = str(EPOCHS)
-    args = ["--data", str(data), "--out", str(tmp_path / "models" / "tiny"),
-            "--distribute", "parameter_server", *tiny]
     processes, logs = [], []
+    for job, count in (("ps", 2), ("worker", 2)):
+        for index in range(count):
+            logs.append(tmp_path / f"{tag}-{job}{index}.log")
+            processes.append(_start(args, {"cluster": cluster, "task": {
+                "type": job, "index": index}}, tmp_path, logs[-1]))
+    _wait_listening(ports[1:], processes, logs)
+    chief_config = {"cluster": cluster, "task": {"type": "chief", "index": 0}}
+    chief_log = tmp_path / f"{tag}-chief.log"
+    chief = _start(chief_args, chief_config, tmp_path, chief_log)
+    return processes, chief, chief_log, chief_config
+
+
+def _until_saved(workdir, epochs: int, chief, log) -> None:
+    """Until the chief has written the resume state of `epochs` epochs (training under way)."""
+    deadline = time.time() + CLUSTER_TIMEOUT
+    while _epochs_saved(workdir) < epochs:
+        assert chief.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def _stops_with_message(chief, log, again: str) -> float:
+    """The chief exits 1 with the one-line message (not a hang): seconds it took."""
+    started = time.time()
     try:
-        for job, count in (("ps", 2), ("worker", 2)):
-            for index in range(count):
-                logs.append(tmp_path / f"{job}{index}.log")
-                processes.append(_start(args, {"cluster": cluster, "task": {
-                    "type": job, "index": index}}, tmp_path, logs[-1]))
-        _wait_listening(ports[1:], processes, logs)
-        chief_log = tmp_path / "chief.log"
-        chief = _start(args, {"cluster": cluster, "task": {"type": "chief", "index": 0}},
-                       tmp_path, chief_log)
-        processes.append(chief)
-        deadline = time.time() + CLUSTER_TIMEOUT
-        while _epochs_logged(chief_log) < 2:  # training is under way
-            assert chief.poll() is None, chief_log.read_text()[-3000:]
-            assert time.time() < deadline, chief_log.read_text()[-3000:]
-            time.sleep(0.05)
-        worker1 = processes[3]
-        _signal(worker1, signal.SIGKILL)
+        chief.wait(timeout=CLUSTER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the chief hangs after a task died:\n{log.read_text()[-3000:]}")
+    output = log.read_text()
+    assert chief.returncode == 1, output[-3000:]
+    assert "error: a cluster task stopped answering during training" in output
+    assert again in output
+    return time.time() - started
+
+
+def test_parameter_server_run_survives_a_killed_worker(tmp_path):
+    data = write_processed(tmp_path / "data", num_users=200)
+    args = _args(data, tmp_path, "parameter_server")
+    processes = []
+    try:
+        servers, chief, chief_log, _ = _cluster(tmp_path, args, "first", args)
+        processes += [*servers, chief]
+        _until_saved(tmp_path, 2, chief, chief_log)
+        _signal(servers[3], signal.SIGKILL)  # worker 1
         killed_at = time.time()
-        worker1.wait(timeout=10)
         output = _wait(chief, chief_log, CLUSTER_TIMEOUT)
         recovered = time.time() - killed_at
     finally:
@@ -78,8 +104,7 @@ def test_parameter_server_run_survives_a_killed_worker(tmp_path):
     run_dir = next((tmp_path / "runs").glob("tiny-*"))
     history = pd.read_csv(run_dir / "history.csv")
     assert len(history) == EPOCHS, output[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == EPOCHS
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == EPOCHS
     assert (tmp_path / "models" / "tiny" / "1" / "retrieval_bruteforce").is_dir()
     print(f"\nworker 1 killed after epoch 2 of {EPOCHS}; the chief finished (train, test, "
           f"export) {recovered:.1f}s later")
@@ -90,31 +115,12 @@ def test_parameter_server_chief_killed_and_restarted_resumes(tmp_path):
     a new chief against the same workers and ps tasks, which restores the last epoch's
     checkpoint from its files and finishes the run."""
     data = write_processed(tmp_path / "data", num_users=200)
-    ports = _free_ports(5)
-    cluster = {"chief": [f"127.0.0.1:{ports[0]}"],
-               "worker": [f"127.0.0.1:{p}" for p in ports[1:3]],
-               "ps": [f"127.0.0.1:{p}" for p in ports[3:5]]}
-    tiny = list(TINY)
-    tiny[tiny.index("--epochs") + 1] = str(EPOCHS)
-    args = ["--data", str(data), "--out", str(tmp_path / "models" / "tiny"),
-            "--distribute", "parameter_server", *tiny]
-    chief_config = {"cluster": cluster, "task": {"type": "chief", "index": 0}}
-    processes, logs = [], []
+    args = _args(data, tmp_path, "parameter_server")
+    processes = []
     try:
-        for job, count in (("ps", 2), ("worker", 2)):
-            for index in range(count):
-                logs.append(tmp_path / f"{job}{index}.log")
-                processes.append(_start(args, {"cluster": cluster, "task": {
-                    "type": job, "index": index}}, tmp_path, logs[-1]))
-        _wait_listening(ports[1:], processes, logs)
-        first_log = tmp_path / "chief.log"
-        first = _start(args, chief_config, tmp_path, first_log)
-        processes.append(first)
-        deadline = time.time() + CLUSTER_TIMEOUT
-        while _epochs_saved(tmp_path) < 3:  # three epochs' resume states written
-            assert first.poll() is None, first_log.read_text()[-3000:]
-            assert time.time() < deadline, first_log.read_text()[-3000:]
-            time.sleep(0.05)
+        servers, first, first_log, chief_config = _cluster(tmp_path, args, "first", args)
+        processes += [*servers, first]
+        _until_saved(tmp_path, 3, first, first_log)
         _signal(first, signal.SIGKILL)
         killed_at = time.time()
         first.wait(timeout=10)
@@ -133,75 +139,36 @@ def test_parameter_server_chief_killed_and_restarted_resumes(tmp_path):
     assert list(history["epoch"]) == list(range(EPOCHS)), output[-3000:]
     # Restored, not started afresh: the first resumed epoch's loss is far below epoch 1's.
     assert history["loss"].iloc[saved] < history["loss"].iloc[0] - 0.1
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == EPOCHS
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == EPOCHS
     assert (tmp_path / "models" / "tiny" / "1" / "retrieval_bruteforce").is_dir()
     print(f"\nchief killed after epoch {saved} of {EPOCHS}, restarted with --resume: the run "
           f"finished (train, test, export) {recovered:.1f}s after the kill")
 
 
-def _cluster(tmp_path, args, tag: str):
-    """ps x 2 and worker x 2 started and listening: (processes, logs, chief TF_CONFIG)."""
-    ports = _free_ports(5)
-    cluster = {"chief": [f"127.0.0.1:{ports[0]}"],
-               "worker": [f"127.0.0.1:{p}" for p in ports[1:3]],
-               "ps": [f"127.0.0.1:{p}" for p in ports[3:5]]}
-    processes, logs = [], []
-    for job, count in (("ps", 2), ("worker", 2)):
-        for index in range(count):
-            logs.append(tmp_path / f"{tag}-{job}{index}.log")
-            processes.append(_start(args, {"cluster": cluster, "task": {
-                "type": job, "index": index}}, tmp_path, logs[-1]))
-    _wait_listening(ports[1:], processes, logs)
-    return processes, logs, {"cluster": cluster, "task": {"type": "chief", "index": 0}}
-
-
 def test_parameter_server_killed_ps_stops_the_chief_and_the_restarted_cluster_resumes(tmp_path):
     data = write_processed(tmp_path / "data", num_users=200)
-    tiny = list(TINY)
-    tiny[tiny.index("--epochs") + 1] = str(EPOCHS)
-    args = ["--data", str(data), "--out", str(tmp_path / "models" / "tiny"),
-            "--distribute", "parameter_server", *tiny]
+    args = _args(data, tmp_path, "parameter_server")
     processes = []
     try:
-        servers, _, chief_config = _cluster(tmp_path, args, "first")
-        processes += servers
-        chief_log = tmp_path / "chief.log"
-        chief = _start(args, chief_config, tmp_path, chief_log)
-        processes.append(chief)
-        deadline = time.time() + CLUSTER_TIMEOUT
-        while _epochs_saved(tmp_path) < 2:
-            assert chief.poll() is None, chief_log.read_text()[-3000:]
-            assert time.time() < deadline, chief_log.read_text()[-3000:]
-            time.sleep(0.05)
+        servers, chief, chief_log, _ = _cluster(tmp_path, args, "first", args)
+        processes += [*servers, chief]
+        _until_saved(tmp_path, 2, chief, chief_log)
         _signal(servers[1], signal.SIGKILL)  # ps 1
-        killed_at = time.time()
-        try:
-            chief.wait(timeout=CLUSTER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the chief hangs after a ps died:\n{chief_log.read_text()[-3000:]}")
-        detected = time.time() - killed_at
-        output = chief_log.read_text()
-        assert chief.returncode == 1, output[-3000:]
-        assert "error: a cluster task stopped answering during training" in output
-        assert "restart the stopped tasks, then this chief with --resume" in output
+        detected = _stops_with_message(chief, chief_log,
+                                       "restart the stopped tasks, then this chief with --resume")
         _stop(processes)
         processes = []
         run_dir = next((tmp_path / "runs").glob("tiny-*"))
         saved = _epochs_saved(tmp_path)
         # The whole cluster again (new processes, new ports), the chief resuming the run.
-        servers, _, chief_config = _cluster(tmp_path, args, "second")
-        processes += servers
-        resumed_log = tmp_path / "chief-resumed.log"
-        resumed = _start([*args, "--resume", str(run_dir)], chief_config, tmp_path,
-                         resumed_log)
-        processes.append(resumed)
+        servers, resumed, resumed_log, _ = _cluster(tmp_path, args, "second",
+                                                    [*args, "--resume", str(run_dir)])
+        processes += [*servers, resumed]
         output = _wait(resumed, resumed_log, CLUSTER_TIMEOUT)
     finally:
         _stop(processes)
     assert f"resuming {run_dir} after epoch {saved}" in output
-    history = pd.read_csv(run_dir / "history.csv")
-    assert len(history) == EPOCHS
+    assert len(pd.read_csv(run_dir / "history.csv")) == EPOCHS
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == EPOCHS
     print(f"\nps 1 killed after epoch {saved}: the chief stopped with the message "
           f"{detected:.1f}s later; a new cluster resumed and finished")
@@ -214,10 +181,7 @@ def test_multiworker_lost_worker_stops_the_other_and_all_resume(tmp_path):
     data = write_processed(tmp_path / "data")
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    tiny = list(TINY)
-    tiny[tiny.index("--epochs") + 1] = "30"
-    args = ["--data", str(data), "--out", str(tmp_path / "models" / "tiny"),
-            "--distribute", "multiworker", *tiny]
+    args = _args(data, tmp_path, "multiworker", epochs=30)
     processes = []
 
     def start(index: int, extra: list[str], tag: str):
@@ -230,22 +194,9 @@ def test_multiworker_lost_worker_stops_the_other_and_all_resume(tmp_path):
 
     try:
         (chief, chief_log), (other, _) = start(0, [], "first"), start(1, [], "first")
-        deadline = time.time() + CLUSTER_TIMEOUT
-        while _epochs_saved(tmp_path / "w0") < 2:
-            assert chief.poll() is None, chief_log.read_text()[-3000:]
-            assert time.time() < deadline, chief_log.read_text()[-3000:]
-            time.sleep(0.05)
+        _until_saved(tmp_path / "w0", 2, chief, chief_log)
         _signal(other, signal.SIGKILL)
-        killed_at = time.time()
-        try:
-            chief.wait(timeout=CLUSTER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"worker 0 hangs after worker 1 died:\n{chief_log.read_text()[-3000:]}")
-        detected = time.time() - killed_at
-        output = chief_log.read_text()
-        assert chief.returncode == 1, output[-3000:]
-        assert "error: a cluster task stopped answering during training" in output
-        assert "restart every worker with --resume" in output
+        detected = _stops_with_message(chief, chief_log, "restart every worker with --resume")
         run_dir = next((tmp_path / "w0" / "runs").glob("tiny-*")).resolve()
         saved = _epochs_saved(tmp_path / "w0")
         _stop(processes)

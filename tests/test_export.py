@@ -193,7 +193,8 @@ def test_export_killed_while_writing_leaves_no_version_and_runs_again(tiny_expor
     import time
 
     root = Path(__file__).resolve().parents[1]
-    run_dir, _, _ = tiny_export
+    run_dir = tmp_path / "run"  # a copy: an export rewrites the run's report.html
+    shutil.copytree(tiny_export[0], run_dir)
     target = tmp_path / "killed"
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     command = [sys.executable, str(root / "train.py"), "export", "--run", str(run_dir),
