@@ -37,9 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             write_run_report(args.run)  # logs the report's path
             return 0
         args = cli.train_parser().parse_args(argv)
-        config, resume_dir = cli.resolve_resume(args)
-        if not config:
-            config = config_from_args(args)
+        base, resume_dir = cli.resolve_resume(args)
+        config = config_from_args(args, base)
         task = cluster_task(config)  # TF_CONFIG, with --distribute multiworker|parameter_server
         if task.serves:  # a parameter-server cluster's worker or ps: serve until stopped
             serve(task)

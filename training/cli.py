@@ -62,15 +62,14 @@ def report_parser() -> argparse.ArgumentParser:
 
 
 def resolve_resume(args: argparse.Namespace):
-    """(config, run dir) of `--resume RUN_DIR`: the run's settings with the flags given on top
-    (any that differ are refused later, by name), and --data / --out filled in from the run;
+    """(the run's settings, run dir) of `--resume RUN_DIR`, the base the flags go on top of
+    (any that differ are refused later, by name), with --data / --out filled in from the run;
     (None, None) without --resume. Without it, --data and --out are required."""
     if not args.resume:
         missing = [flag for flag in ("data", "out") if not getattr(args, flag)]
         if missing:
             raise ValueError(f"--{' and --'.join(missing)} required (or --resume RUN_DIR)")
         return None, None
-    import dataclasses
     import json
 
     from towers import run_dir as run_files
@@ -82,13 +81,7 @@ def resolve_resume(args: argparse.Namespace):
     info = json.loads((run_dir / run_files.EXPORT_INFO).read_text())
     args.data = args.data or info["data"]
     args.out = args.out or info["export_dir"] or f"saved_model/{run_dir.name}"
-    config = (TrainConfig.from_yaml(args.config) if args.config
-              else TrainConfig.from_yaml(run_dir / run_files.CONFIG))
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name, None) is not None}
-    config = dataclasses.replace(config, **overrides)
-    config.validate()
-    return config, run_dir
+    return TrainConfig.from_yaml(run_dir / run_files.CONFIG), run_dir
 
 
 def run_dir_for(runs_dir: str | Path, export_dir: str | Path) -> Path:

@@ -227,9 +227,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                             help=f"{spec.metadata['help']} (default: {spec.default})")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the --config YAML file, then explicit flags, in that order."""
-    config = TrainConfig.from_yaml(args.config) if getattr(args, "config", None) else TrainConfig()
+def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """Defaults (or `base`, e.g. a resumed run's settings), then the --config YAML file, then
+    explicit flags, in that order."""
+    config = (TrainConfig.from_yaml(args.config) if getattr(args, "config", None)
+              else base or TrainConfig())
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
     config = dataclasses.replace(config, **overrides)

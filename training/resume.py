@@ -118,6 +118,7 @@ class EpochState(tf.keras.callbacks.Callback):
         self.validation, self.guard = validation, guard
         self.manager = tf.train.CheckpointManager(checkpoint, str(self.dir), max_to_keep=2)
         self.diverged: str | None = None
+        self.state: dict | None = None  # the last state written
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard is not None and self.guard.diverged:
@@ -135,7 +136,7 @@ class EpochState(tf.keras.callbacks.Callback):
             _write_atomically(self.dir / STATE, json.dumps(state, indent=2))
         except (OSError, tf.errors.OpError) as err:  # e.g. the disk is full
             kept = (f"the state after epoch {self.state['epoch']} is kept and --resume "
-                    "continues from it" if getattr(self, "state", None)
+                    "continues from it" if self.state
                     else "no earlier state to resume from")
             raise TrainingStopped(f"could not write the resume state after epoch {epoch + 1} "
                                   f"in {self.dir} ({err}); {kept}") from None
@@ -143,7 +144,7 @@ class EpochState(tf.keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         # Stopped by patience, budget or the epoch count: a resume goes straight to the test.
-        if not self.diverged and getattr(self, "state", None):
+        if not self.diverged and self.state:
             self.state["finished"] = True
             _write_atomically(self.dir / STATE, json.dumps(self.state, indent=2))
 

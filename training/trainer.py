@@ -59,11 +59,12 @@ def train(config: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     if resume:
         check_same_run(Path(run_dir), config, Path(data_dir))
     if task.is_chief:
-        return _train(config, task, data_dir, Path(run_dir), export_dir, resume)
+        return _train(config, task, data_dir, Path(run_dir), export_dir,
+                      Path(run_dir) if resume else None)
     scratch = Path(tempfile.mkdtemp(prefix=f"towerrec-{task.task_type}{task.task_index}-"))
     try:  # a resumed worker restores the chief's state (its run directory, a shared path)
-        return _train(config, task, data_dir, scratch, export_dir, resume,
-                      resume_from=Path(run_dir))
+        return _train(config, task, data_dir, scratch, export_dir,
+                      Path(run_dir) if resume else None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -88,12 +89,13 @@ def unavailable_task(err: Exception) -> str:
 
 
 def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir: Path,
-           export_dir: str | Path | None, resume: bool = False,
-           resume_from: Path | None = None) -> dict:
+           export_dir: str | Path | None, resume_from: Path | None = None) -> dict:
+    """`resume_from`: the run directory whose saved state this process continues (the chief's:
+    its own; another multiworker worker's: the chief's), or None for a new run."""
     started = time.time()
     precision = device_precision(config.mixed_precision)  # refuses before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if resume_from is None:
         config.save(run_dir / run_files.CONFIG)
         (run_dir / run_files.EXPORT_INFO).write_text(json.dumps({
             "data": str(Path(data_dir).resolve()),
@@ -152,11 +154,11 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
     epoch_state = EpochState(run_dir, validation,
                              tf.train.Checkpoint(model=model, optimizer=model.optimizer), guard)
     first_epoch, finished = 0, False
-    if resume:
-        first_epoch, finished = restore(resume_from or run_dir, epoch_state.manager.checkpoint,
+    if resume_from is not None:
+        first_epoch, finished = restore(resume_from, epoch_state.manager.checkpoint,
                                         validation)
         log.info("resuming %s after epoch %d (best so far: epoch %d, valid NDCG@10 %.4f)%s",
-                 resume_from or run_dir, first_epoch, validation.best_epoch + 1, validation.best,
+                 resume_from, first_epoch, validation.best_epoch + 1, validation.best,
                  "; training had ended, testing" if finished else "")
     # Resume state after every epoch: one machine, a parameter-server cluster's chief (its
     # checkpoint reads the variables from the ps tasks), every multiworker worker (the chief's
@@ -167,7 +169,7 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
         try:
             fit(model, data.windows, config, run_dir, callbacks, use_events, first_epoch)
         except tf.errors.UnavailableError as err:  # a ps (or every worker) went away
-            saved = getattr(epoch_state, "state", None) or resumable(run_dir)
+            saved = epoch_state.state or resumable(resume_from or run_dir)
             again = (f"restart every worker with --resume {run_dir}"
                      if task.mode == "multiworker" else
                      f"restart the stopped tasks, then this chief with --resume {run_dir}")
