@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from recdata.schema import DataError, RawData
 
 log = logging.getLogger("recdata")
 
+ENGINES = ("duckdb", "pandas")
 SOURCES = ("amazon", "movielens", "online-retail", "events", "sample", "synthetic")
 # Flags each source takes (dest names); the first group is required.
 _INPUTS = {
@@ -69,6 +71,19 @@ def _time_arg(text: str) -> int:
     if stamp.tzinfo is None:
         stamp = stamp.tz_localize("UTC")
     return int(stamp.timestamp())
+
+
+def _size(text: str) -> int:
+    """Bytes from '4GB', '512MB', '2GiB' or a plain number of bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).upper() not in units:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4GB or 512MB")
+    value = int(float(match.group(1)) * units[match.group(2).upper()])
+    if value < 64 * 2**20:
+        raise argparse.ArgumentTypeError(f"{text!r} is below the 64MB DuckDB needs to work")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -138,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-events", type=_positive, help="default 200000")
 
     o = p.add_argument_group("processing")
+    o.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="duckdb",
+        help="duckdb: out of core, memory bounded by --memory-limit (default); pandas: in "
+        "memory, the reference implementation (same outputs)",
+    )
+    o.add_argument(
+        "--memory-limit",
+        type=_size,
+        metavar="SIZE",
+        help="duckdb: memory for its buffers, e.g. 4GB or 512MB; it spills to disk beyond "
+        "(default: a quarter of this machine's memory)",
+    )
     o.add_argument(
         "--keep-repeats",
         action="store_true",
@@ -227,6 +256,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         for name in _ITEM_TABLE_FLAGS:
             if getattr(args, name) is not None:
                 p.error(f"--{name.replace('_', '-')} needs --items")
+    if args.memory_limit is not None and args.engine != "duckdb":
+        p.error("--memory-limit applies to --engine duckdb")
     if args.source == "synthetic":
         sizes = _synthetic_sizes(args)
         if sizes["num_events"] < sizes["num_users"] or sizes["num_items"] < 2:
@@ -283,6 +314,76 @@ def read_source(args: argparse.Namespace) -> tuple[RawData | None, dict]:
     return synthetic.generate(**sizes, seed=args.seed), {"synthetic": sizes}
 
 
+def _read_with_live(args: argparse.Namespace) -> tuple[RawData, dict]:
+    raw, reader_options = read_source(args)
+    if args.live_db:
+        from recdata.live import with_live
+
+        raw, live_notes = with_live(raw, args.live_db)
+        reader_options = reader_options | live_notes
+    return raw, reader_options
+
+
+def _settings(args: argparse.Namespace, options: ProcessOptions, reader_options: dict) -> dict:
+    return dataclasses.asdict(options) | {"skip_bad_lines": args.skip_bad_lines} | reader_options
+
+
+def _prepare_pandas(args: argparse.Namespace, options: ProcessOptions, start: float) -> dict:
+    raw, reader_options = _read_with_live(args)
+    log.info("read %d rows in %.1fs", raw.rows_read, time.perf_counter() - start)
+    result = build_processed(raw, options)
+    log.info("processed in %.1fs", time.perf_counter() - start)
+    settings = _settings(args, options, reader_options) | raw.detected
+    manifest = make_manifest(args.source, raw.inputs, settings, result.counts)
+    write_processed(args.out, result.items, result.events, manifest)
+    log.info("wrote %s in %.1fs", args.out, time.perf_counter() - start)
+    return result.counts
+
+
+def _prepare_duckdb(args: argparse.Namespace, options: ProcessOptions, start: float) -> dict:
+    """The same steps through recdata.duck: an events file is read by DuckDB itself, any
+    other source by its reader; the settings recorded are the pandas engine's (the outputs
+    do not depend on the engine), so the manifests match too."""
+    from recdata import duck
+    from recdata.readers import read_item_table
+
+    limit = args.memory_limit or duck.default_memory_limit()
+    direct = args.source == "events" and not args.live_db and duck.reads_directly(args.input)
+    try:
+        engine = duck.Engine(limit, args.out.resolve().parent)
+    except OSError as e:
+        raise DataError(f"{args.out}: cannot create a scratch directory ({e.strerror})") from None
+    with engine:
+        if direct:
+            columns = _event_columns(args)
+            loaded = engine.load_files(args.input, columns, args.skip_bad_lines)
+            items, skipped = (
+                read_item_table(args.items, columns, args.skip_bad_lines)
+                if args.items
+                else (readers.items_frame([], []), 0)
+            )
+            raw = RawData(
+                events=pd.DataFrame(),
+                items=items,
+                dropped={"bad_lines_skipped": loaded.bad_lines},
+                inputs=tuple(p for p in (*loaded.files, args.items) if p is not None),
+                rows_read=loaded.rows_read,
+                item_rows_skipped=skipped,
+            )
+            reader_options = {"columns": dataclasses.asdict(columns)}
+        else:
+            raw, reader_options = _read_with_live(args)
+            engine.load_frame(raw.events)
+        log.info("read %d rows in %.1fs", raw.rows_read, time.perf_counter() - start)
+        items, counts = engine.process(raw, options)
+        log.info("processed in %.1fs", time.perf_counter() - start)
+        settings = _settings(args, options, reader_options) | raw.detected
+        manifest = make_manifest(args.source, raw.inputs, settings, counts)
+        write_processed(args.out, items, engine.events_reader(), manifest)
+        log.info("wrote %s in %.1fs", args.out, time.perf_counter() - start)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -308,24 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         start = time.perf_counter()
-        raw, reader_options = read_source(args)
-        if args.live_db:
-            from recdata.live import with_live
-
-            raw, live_notes = with_live(raw, args.live_db)
-            reader_options = reader_options | live_notes
-        log.info("read %d rows in %.1fs", raw.rows_read, time.perf_counter() - start)
-        result = build_processed(raw, options)
-        log.info("processed in %.1fs", time.perf_counter() - start)
-        settings = dataclasses.asdict(options) | {"skip_bad_lines": args.skip_bad_lines}
-        settings |= reader_options | raw.detected
-        manifest = make_manifest(args.source, raw.inputs, settings, result.counts)
-        write_processed(args.out, result.items, result.events, manifest)
-        log.info("wrote %s in %.1fs", args.out, time.perf_counter() - start)
+        if args.engine == "duckdb":
+            counts = _prepare_duckdb(args, options, start)
+        else:
+            counts = _prepare_pandas(args, options, start)
     except DataError as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2
-    c = result.counts
+    c = counts
     per_split = " / ".join(f"{k} {v}" for k, v in c["events_per_split"].items())
     print(
         f"wrote {args.out}: {c['num_users']} users, {c['num_items']} items, "

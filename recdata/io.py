@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,13 @@ def events_table(events: pd.DataFrame) -> pa.Table:
     return pa.table(columns, schema=EVENTS_SCHEMA)
 
 
-def write_processed(out: Path, items: pd.DataFrame, events: pd.DataFrame, manifest: dict) -> None:
+def write_processed(
+    out: Path, items: pd.DataFrame, events: pd.DataFrame | Iterable[pa.Table], manifest: dict
+) -> None:
     """Write the three files atomically: into a temp dir beside `out`, then rename it into place.
+
+    events: a frame, or EVENTS_SCHEMA tables in order (the DuckDB engine streams them; one row
+    group per table).
 
     On any error the temp dir is removed and `out` is untouched. An existing `out` is replaced
     only if it is a previous output (it has a manifest.json) or an empty directory.
@@ -92,7 +98,12 @@ def write_processed(out: Path, items: pd.DataFrame, events: pd.DataFrame, manife
         raise DataError(f"{out}: cannot create output directory ({e.strerror})") from None
     try:
         pq.write_table(items_table(items), tmp / ITEMS_FILE, compression="zstd")
-        pq.write_table(events_table(events), tmp / EVENTS_FILE, compression="zstd")
+        if isinstance(events, pd.DataFrame):
+            pq.write_table(events_table(events), tmp / EVENTS_FILE, compression="zstd")
+        else:
+            with pq.ParquetWriter(tmp / EVENTS_FILE, EVENTS_SCHEMA, compression="zstd") as writer:
+                for table in events:
+                    writer.write_table(table)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _swap_into_place(tmp, out)
     except OSError as e:

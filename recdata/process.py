@@ -221,18 +221,7 @@ def index_items(events: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame
     is_train = events["split"].cat.codes.to_numpy() == SPLITS.index("train")
     count = np.bincount(item_idx[is_train], minlength=n_items + 1)[1:].astype(np.int64)
 
-    meta = items.drop_duplicates("item_id").set_index("item_id").reindex(item_ids)
-    out_items = pd.DataFrame(
-        {
-            "item_id": np.asarray(item_ids, dtype=object),
-            "item_idx": np.arange(1, n_items + 1, dtype=np.int32),
-            "text": meta["text"].fillna("").to_numpy(dtype=object),
-            "category": meta["category"].fillna("").to_numpy(dtype=object),
-            "brand": meta["brand"].fillna("").to_numpy(dtype=object),
-            "price": meta["price"].to_numpy(dtype=np.float64),
-            "count": count,
-        }
-    )
+    out_items = items_with_metadata(np.asarray(item_ids, dtype=object), count, items)
     out_events = pd.DataFrame(
         {
             "user_id": events["user_id"].array,
@@ -246,10 +235,33 @@ def index_items(events: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame
     return out_items, out_events
 
 
+def items_with_metadata(
+    item_ids: np.ndarray, count: np.ndarray, meta: pd.DataFrame
+) -> pd.DataFrame:
+    """The items table: item_ids (in item_idx order) numbered 1..N, their metadata from `meta`
+    (blank or NaN where missing) and their train-event counts."""
+    m = meta.drop_duplicates("item_id").set_index("item_id").reindex(item_ids)
+    return pd.DataFrame(
+        {
+            "item_id": item_ids,
+            "item_idx": np.arange(1, len(item_ids) + 1, dtype=np.int32),
+            "text": m["text"].fillna("").to_numpy(dtype=object),
+            "category": m["category"].fillna("").to_numpy(dtype=object),
+            "brand": m["brand"].fillna("").to_numpy(dtype=object),
+            "price": m["price"].to_numpy(dtype=np.float64),
+            "count": np.asarray(count, dtype=np.int64),
+        }
+    )
+
+
 def sequence_length_stats(events: pd.DataFrame) -> dict[str, float]:
     """Percentiles of events per user (p50/p90/p99, linear interpolation) and the max."""
     lengths = np.bincount(events["user_id"].cat.codes.to_numpy())
-    lengths = lengths[lengths > 0]
+    return length_stats(lengths[lengths > 0])
+
+
+def length_stats(lengths: np.ndarray) -> dict[str, float]:
+    """sequence_length_stats from the per-user event counts."""
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
     rounded = [round(float(p), 3) for p in (p50, p90, p99)]
     return dict(zip(("p50", "p90", "p99"), rounded, strict=True)) | {"max": int(lengths.max())}

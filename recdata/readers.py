@@ -16,12 +16,12 @@ from numpy.typing import ArrayLike
 
 from recdata.cleaning import clean_string, clean_text, flatten_text, join_text, parse_price
 from recdata.schema import DataError, RawData, make_events
-from recdata.tables import iter_json_lines, read_delimited, read_table
+from recdata.tables import input_files, iter_json_lines, read_delimited, read_table
 
 SAMPLE_FILE = Path(__file__).resolve().parents[1] / "data" / "sample" / "online_retail.parquet"
 
 
-def _items_frame(
+def items_frame(
     item_id: ArrayLike,
     text: ArrayLike,
     category: ArrayLike | None = None,
@@ -62,7 +62,7 @@ def _raw_data(
     items frame). inputs: the input paths, None for an optional file not given. dropped: drop
     reasons beyond "bad_lines_skipped", which always comes first. detected: see RawData.
     """
-    item_frame, item_rows_skipped = (_items_frame([], []), 0) if items is None else items
+    item_frame, item_rows_skipped = (items_frame([], []), 0) if items is None else items
     return RawData(
         events=events,
         items=item_frame,
@@ -204,7 +204,7 @@ def _read_amazon_meta(path: Path, skip_bad_lines: bool) -> tuple[pd.DataFrame, i
         ]
     )
     brand = clean_text(pd.Series(brands, dtype=object))
-    return _items_frame(ids, text, leaves, brand, np.array(prices, np.float64)), bad
+    return items_frame(ids, text, leaves, brand, np.array(prices, np.float64)), bad
 
 
 # --- MovieLens ---------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def _read_movies(path: Path, skip_bad_lines: bool) -> tuple[pd.DataFrame, int]:
     )
     text = join_text([table.text(title)[keep], genre_lists.str.join(", ")])
     category = genre_lists.map(lambda gs: gs[0] if gs else "")
-    return _items_frame(np.asarray(ids[keep]), text, category), table.bad_lines
+    return items_frame(np.asarray(ids[keep]), text, category), table.bad_lines
 
 
 # --- UCI Online Retail (and Online Retail II) ---------------------------------------------
@@ -372,7 +372,7 @@ def _retail_items(stock: pd.Categorical, description: pd.Series, price: np.ndarr
     median_price = pd.Series(price).groupby(rows["item_id"].to_numpy()).median()
     ids = median_price.index.to_numpy()
     text = best.set_index("item_id")["description"].reindex(ids).fillna("")
-    return _items_frame(ids, text, price=median_price)
+    return items_frame(ids, text, price=median_price)
 
 
 def read_sample(*, skip_bad_lines: bool = False) -> RawData:
@@ -406,7 +406,8 @@ def read_events(
     columns: EventColumns = EventColumns(),
     skip_bad_lines: bool = False,
 ) -> RawData:
-    """Any interaction log (CSV, CSV.gz or Parquet) plus an optional items table.
+    """Any interaction log (CSV, CSV.gz, Parquet or a directory of Parquet shards) plus an
+    optional items table.
 
     Times may be epoch seconds, epoch milliseconds or ISO 8601 strings.
     """
@@ -435,14 +436,14 @@ def read_events(
     events = make_events(users[keep], item_ids[keep], times[keep], event_type, values[keep])
     return _raw_data(
         events,
-        (path, items),
+        (*input_files(path), items),
         rows_read=table.rows_read,
         bad_lines=table.bad_lines,
-        items=_read_item_table(items, c, skip_bad_lines) if items else None,
+        items=read_item_table(items, c, skip_bad_lines) if items else None,
     )
 
 
-def _read_item_table(path: Path, c: EventColumns, skip_bad_lines: bool) -> tuple[pd.DataFrame, int]:
+def read_item_table(path: Path, c: EventColumns, skip_bad_lines: bool) -> tuple[pd.DataFrame, int]:
     id_col = c.item_id or c.item
     wanted = [id_col, *c.text, *(x for x in (c.category, c.brand, c.price) if x)]
     table = read_table(path, list(dict.fromkeys(wanted)), skip_bad_lines=skip_bad_lines)
@@ -461,4 +462,4 @@ def _read_item_table(path: Path, c: EventColumns, skip_bad_lines: bool) -> tuple
     item_ids = np.asarray(ids[keep], dtype=object)
     if text is None:
         text = np.full(len(item_ids), "", dtype=object)
-    return _items_frame(item_ids, text, category, brand, price), table.bad_lines
+    return items_frame(item_ids, text, category, brand, price), table.bad_lines

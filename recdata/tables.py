@@ -274,6 +274,8 @@ def read_table(
     of which the header must hold one (the first complete one is read, its name is
     Table.layout). A missing column raises DataError naming the columns found.
     """
+    if path.is_dir():
+        return _read_parquet_shards(path, required, optional, layouts)
     check_file(path)
     name = path.name.lower()
     if name.endswith((".parquet", ".pq")):
@@ -336,6 +338,73 @@ def _read_parquet(
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     return Table(path, data, data.num_rows, lambda row: f"{path} row {row + 1}", layout=layout)
+
+
+def parquet_shards(path: Path) -> list[Path]:
+    """The Parquet files of a directory input (`part-*.parquet` or any `*.parquet`), in name
+    order; every shard must have the first one's columns and types."""
+    try:
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and p.name.lower().endswith((".parquet", ".pq"))
+        )
+    except OSError as e:
+        raise DataError(f"{path}: cannot list ({e.strerror})") from None
+    if not files:
+        raise DataError(f"{path}: directory holds no .parquet files")
+    first = _parquet_schema(files[0])
+    for shard in files[1:]:
+        schema = _parquet_schema(shard)
+        if not schema.equals(first):
+            raise DataError(
+                f"{shard}: schema ({_describe(schema)}) differs from {files[0].name}'s "
+                f"({_describe(first)})"
+            )
+    return files
+
+
+def input_files(path: Path) -> tuple[Path, ...]:
+    """The files an input path stands for: itself, or a directory's Parquet shards."""
+    return tuple(parquet_shards(path)) if path.is_dir() else (path,)
+
+
+def _parquet_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path).remove_metadata()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _describe(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name} {f.type}" for f in schema)
+
+
+def _read_parquet_shards(
+    path: Path,
+    required: Sequence[str],
+    optional: Sequence[str],
+    layouts: Mapping[str, Sequence[str]] | None,
+) -> Table:
+    """A directory of Parquet shards read as one table, shard after shard in name order."""
+    files = parquet_shards(path)
+    columns, layout = _select(
+        _parquet_schema(files[0]).names, required, optional, str(path), layouts
+    )
+    tables = []
+    for shard in files:
+        try:
+            tables.append(pq.read_table(shard, columns=columns))
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{shard}: not a readable Parquet file ({e})") from None
+    data = pa.concat_tables(tables)
+    starts = np.cumsum([0, *(t.num_rows for t in tables)])
+
+    def locate(row: int) -> str:
+        shard = int(np.searchsorted(starts, row, side="right")) - 1
+        return f"{files[shard]} row {row - starts[shard] + 1}"
+
+    return Table(path, data, data.num_rows, locate, layout=layout)
 
 
 def _read_excel(
