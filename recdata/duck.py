@@ -109,7 +109,7 @@ class Engine:
     # --- input -------------------------------------------------------------------------
 
     def load_frame(self, events: pd.DataFrame) -> None:
-        """RawData.events (file order) as the `good` table."""
+        """RawData.events (file order) as the `ev` table."""
         frame = pd.DataFrame(
             {
                 "rn": np.arange(len(events), dtype=np.int64),
@@ -121,22 +121,21 @@ class Engine:
             }
         )
         self.con.register("frame_in", frame)
-        self.con.execute("CREATE TABLE good AS SELECT * FROM frame_in")
-        self.con.unregister("frame_in")
+        try:
+            self._encode("frame_in", ids=("user_id", "item_id", "event_type"))
+        finally:
+            self.con.unregister("frame_in")
 
     def load_files(self, path: Path, columns, skip_bad_lines: bool) -> Loaded:
         """An events file or directory of shards, checked like recdata.readers.read_events:
         ids trimmed and non-empty, times as epoch s/ms (by the column's magnitude), ISO 8601 or
-        timestamps, values numbers. Good rows become the `good` table."""
+        timestamps, values numbers. Good rows become the `ev` table."""
         files = input_files(path)
-        scan, delimiter = self._scan(path, files, skip_bad_lines)
+        delimiter = self._scan(path, files, skip_bad_lines)
         csv_header = delimiter is not None
-        self.con.execute(
-            f"CREATE VIEW scan AS SELECT row_number() OVER () - 1 AS rn, * FROM {scan}"
-        )
         described = self.con.execute("DESCRIBE SELECT * FROM scan").fetchall()
         types = {row[0]: row[1] for row in described}
-        found = [row[0] for row in described if row[0] not in ("rn", "filename")]
+        found = [row[0] for row in described if row[0] not in ("rn", "row", "filename")]
         c = columns
         for name in [c.user, c.item, c.time, *(x for x in (c.event, c.value) if x)]:
             if name not in found:
@@ -153,30 +152,42 @@ class Engine:
         if c.event:
             checks.append((c.event, _id_sql(c.event), "an event type"))
         exprs = {name: expr for name, expr, _ in checks}
-        event = exprs[c.event] if c.event else "'interaction'"
-        value = exprs[c.value] if c.value else "1.0"
-        valid = " AND ".join(f"({expr}) IS NOT NULL" for expr in exprs.values())
         try:
             rows_read = self._one("SELECT count(*) FROM scan")[0]
-            self.con.execute(
-                f"""CREATE TABLE good AS SELECT rn, {exprs[c.user]} AS user_id,
-                {exprs[c.item]} AS item_id, {exprs[c.time]} AS timestamp,
-                {event} AS event_type, CAST({value} AS FLOAT) AS value
-                FROM scan WHERE {valid}"""
+            self._encode(
+                "scan",
+                ids=(_col(c.user), _col(c.item), _col(c.event) if c.event else "'interaction'"),
+                timestamp=exprs[c.time],
+                value=exprs[c.value] if c.value else "1.0",
             )
         except self._duckdb.Error as e:
             raise DataError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
-        bad = rows_read - self._one("SELECT count(*) FROM good")[0]
+        bad = rows_read - self._one("SELECT count(*) FROM ev")[0]
         rejected = self._rejected_lines() if csv_header and skip_bad_lines else 0
         if bad and not skip_bad_lines:
             raise DataError(self._first_bad(checks, files, delimiter))
         return Loaded(rows_read + rejected, bad + rejected, files)
 
-    def _scan(self, path: Path, files: tuple[Path, ...], skip: bool) -> tuple[str, str | None]:
-        """The FROM clause reading the input, and the CSV delimiter (None for Parquet)."""
-        names = [str(f) for f in files]
+    def _scan(self, path: Path, files: tuple[Path, ...], skip: bool) -> str | None:
+        """Create the view `scan`: the input's columns, rn (the row's position in the input)
+        and, for Parquet, filename and row (1-based, in its file). Returns the CSV delimiter
+        (None for Parquet)."""
         if path.is_dir() or path.name.lower().endswith((".parquet", ".pq")):
-            return f"read_parquet({names!r}, filename = true)", None
+            # Row numbers from each shard's offset: the scan stays parallel.
+            offsets = np.cumsum([0, *(_parquet_rows(f) for f in files)])[:-1]
+            self.con.execute("CREATE TABLE shards (filename VARCHAR, base BIGINT)")
+            self.con.executemany(
+                "INSERT INTO shards VALUES (?, ?)",
+                [[str(f), int(o)] for f, o in zip(files, offsets, strict=True)],
+            )
+            names = [str(f) for f in files]
+            self.con.execute(
+                "CREATE VIEW scan AS SELECT s.base + p.file_row_number AS rn, "
+                "p.file_row_number + 1 AS row, p.* EXCLUDE (file_row_number) "
+                f"FROM read_parquet({names!r}, filename = true, file_row_number = true) p "
+                "JOIN shards s USING (filename)"
+            )
+            return None
         delimiter = "\t" if ".tsv" in path.name.lower() else ","
         header = _csv_header(path, delimiter)
         cols = "{" + ", ".join(f"'{_quote(h)}': 'VARCHAR'" for h in header) + "}"
@@ -187,7 +198,12 @@ class Engine:
         )
         if skip:
             options += ", ignore_errors = true, store_rejects = true"
-        return f"read_csv('{_quote(names[0])}', {options})", delimiter
+        # The streaming row_number keeps the file's order (a single-threaded scan).
+        self.con.execute(
+            "CREATE VIEW scan AS SELECT row_number() OVER () - 1 AS rn, * "
+            f"FROM read_csv('{_quote(str(files[0]))}', {options})"
+        )
+        return delimiter
 
     def _rejected_lines(self) -> int:
         try:
@@ -224,9 +240,9 @@ class Engine:
         """The message for the first bad row: where it is, which column, what is wrong."""
         cases = " ".join(f"WHEN ({expr}) IS NULL THEN {i}" for i, (_, expr, _) in enumerate(checks))
         csv_header = delimiter is not None
-        filename = "NULL" if csv_header else "filename"
-        rn, which, filename = self._one(
-            f"SELECT rn, CASE {cases} END AS which, {filename} FROM scan "
+        place = "NULL, NULL" if csv_header else "filename, row"
+        rn, which, filename, row = self._one(
+            f"SELECT rn, CASE {cases} END AS which, {place} FROM scan "
             f"WHERE CASE {cases} END IS NOT NULL ORDER BY rn LIMIT 1"
         )
         name, _, expected = checks[which]
@@ -234,34 +250,49 @@ class Engine:
         if csv_header:
             where = f"{files[0]} line {_csv_line(files[0], rn, delimiter)}"
         else:
-            before = self._one(
-                "SELECT count(*) FROM scan WHERE filename = ? AND rn < ?", [filename, rn]
-            )[0]
-            where = f"{filename} row {before + 1}"
+            where = f"{filename} row {row}"
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             return f"{where}: missing {name}"
         return f"{where}: {name} {raw!r} is not {expected}"
 
+    def _encode(
+        self,
+        source: str,
+        ids: tuple[str, str, str],
+        timestamp: str = "timestamp",
+        value: str = "value",
+    ) -> None:
+        """Rows of `source` -> table `ev` (rn, u, i, ts, e, value) with integer codes for the
+        user, item and event-type expressions `ids`, numbered in the order of their trimmed
+        strings (the pandas engine's sorted categoricals). Code tables: users, item_ids, kinds
+        (raw string, id, code; one id may have several raw spellings, e.g. with spaces).
+        Rows whose id is missing or blank, or whose timestamp or value is NULL, are left out.
+        Ids are trimmed per distinct value, not per row: the big pass joins on raw strings."""
+        q = self.con.execute
+        tables = ("users", "item_ids", "kinds")
+        for table, expr in zip(tables, ids, strict=True):
+            q(
+                f"""CREATE TABLE {table} AS SELECT raw, id, CAST(dense_rank() OVER (ORDER BY id)
+                - 1 AS INTEGER) AS code FROM (SELECT raw, NULLIF(trim(raw, '{_WHITESPACE}'), '')
+                AS id FROM (SELECT DISTINCT CAST({expr} AS VARCHAR) AS raw FROM {source}))
+                WHERE id IS NOT NULL"""
+            )
+        u, i, k = (f"CAST({expr} AS VARCHAR)" for expr in ids)
+        q(
+            f"""CREATE TABLE ev AS SELECT s.rn, u.code AS u, i.code AS i, s.ts, k.code AS e,
+            CAST(s.value AS FLOAT) AS value FROM (SELECT rn, {u} AS u_raw, {i} AS i_raw,
+            {k} AS k_raw, {timestamp} AS ts, {value} AS value FROM {source}) s
+            JOIN users u ON u.raw = s.u_raw JOIN item_ids i ON i.raw = s.i_raw
+            JOIN kinds k ON k.raw = s.k_raw WHERE s.ts IS NOT NULL AND s.value IS NOT NULL"""
+        )
+
     # --- processing --------------------------------------------------------------------
 
     def process(self, raw: RawData, options: ProcessOptions) -> tuple[pd.DataFrame, dict]:
-        """recdata.process.build_processed over the `good` table: (items, counts); the events
-        stay in the database for `events_reader`."""
+        """recdata.process.build_processed over the loaded events (`ev`): (items, counts); the
+        events stay in the database for `events_reader`."""
         q = self.con.execute
         dropped = dict(raw.dropped)
-        # Integer codes in string order (the pandas engine's sorted categoricals).
-        for table, col in (("users", "user_id"), ("item_ids", "item_id"), ("kinds", "event_type")):
-            q(
-                f"CREATE TABLE {table} AS SELECT {col}, "
-                f"CAST(row_number() OVER (ORDER BY {col}) - 1 AS INTEGER) AS code "
-                f"FROM (SELECT DISTINCT {col} FROM good)"
-            )
-        q(
-            """CREATE TABLE ev AS SELECT g.rn, u.code AS u, i.code AS i, g.timestamp AS ts,
-            k.code AS e, g.value FROM good g JOIN users u USING (user_id)
-            JOIN item_ids i USING (item_id) JOIN kinds k USING (event_type)"""
-        )
-        q("DROP TABLE good")
         if options.dedupe:
             dropped["duplicate"] = self._replace(
                 "SELECT * FROM ev QUALIFY row_number() OVER (PARTITION BY u, i ORDER BY ts, rn) = 1"
@@ -304,8 +335,8 @@ class Engine:
             AS item_idx, count(*) FILTER (s = 0) AS train FROM ev GROUP BY i"""
         )
         present = self.con.execute(
-            "SELECT n.item_id, x.train FROM idx x JOIN item_ids n ON n.code = x.i "
-            "ORDER BY x.item_idx"
+            "SELECT n.id AS item_id, x.train FROM idx x "
+            "JOIN (SELECT DISTINCT code, id FROM item_ids) n ON n.code = x.i ORDER BY x.item_idx"
         ).fetch_df()
         items = items_with_metadata(
             present["item_id"].to_numpy(dtype=object), present["train"].to_numpy(), raw.items
@@ -387,10 +418,11 @@ class Engine:
         """The processed events in EVENTS_SCHEMA, sorted by user then time, in tables of
         ROW_GROUP rows (the last one shorter)."""
         reader = self.con.sql(
-            f"""SELECT u.user_id, x.item_idx, ev.ts AS timestamp, k.event_type,
+            f"""SELECT u.id AS user_id, x.item_idx, ev.ts AS timestamp, k.id AS event_type,
             ev.value, CASE ev.s {" ".join(f"WHEN {i} THEN '{s}'" for i, s in enumerate(SPLITS))}
-            END AS split FROM ev JOIN users u ON u.code = ev.u JOIN idx x ON x.i = ev.i
-            JOIN kinds k ON k.code = ev.e ORDER BY ev.u, ev.ts, ev.rn"""
+            END AS split FROM ev JOIN (SELECT DISTINCT code, id FROM users) u ON u.code = ev.u
+            JOIN idx x ON x.i = ev.i JOIN (SELECT DISTINCT code, id FROM kinds) k
+            ON k.code = ev.e ORDER BY ev.u, ev.ts, ev.rn"""
         ).to_arrow_reader(ROW_GROUP)
         pending: list[pa.RecordBatch] = []
         size = 0
@@ -411,6 +443,15 @@ def _conform(table: pa.Table) -> pa.Table:
         [table.column(i).combine_chunks().cast(f.type) for i, f in enumerate(EVENTS_SCHEMA)],
         schema=EVENTS_SCHEMA,
     )
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
 
 
 def _quote(text: str) -> str:
