@@ -161,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
         "memory, the reference implementation (same outputs)",
     )
     o.add_argument(
+        "--shards",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="write the events as N files events/part-NNNNN.parquet, users split into N "
+        "ranges (a user's events in one file; listed with rows and sha256 in the manifest); "
+        "workers of a cluster each read their own (default 1: events.parquet)",
+    )
+    o.add_argument(
         "--memory-limit",
         type=_size,
         metavar="SIZE",
@@ -325,7 +334,8 @@ def _read_with_live(args: argparse.Namespace) -> tuple[RawData, dict]:
 
 
 def _settings(args: argparse.Namespace, options: ProcessOptions, reader_options: dict) -> dict:
-    return dataclasses.asdict(options) | {"skip_bad_lines": args.skip_bad_lines} | reader_options
+    written = {"skip_bad_lines": args.skip_bad_lines, "shards": args.shards}
+    return dataclasses.asdict(options) | written | reader_options
 
 
 def _prepare_pandas(args: argparse.Namespace, options: ProcessOptions, start: float) -> dict:
@@ -335,7 +345,7 @@ def _prepare_pandas(args: argparse.Namespace, options: ProcessOptions, start: fl
     log.info("processed in %.1fs", time.perf_counter() - start)
     settings = _settings(args, options, reader_options) | raw.detected
     manifest = make_manifest(args.source, raw.inputs, settings, result.counts)
-    write_processed(args.out, result.items, result.events, manifest)
+    write_processed(args.out, result.items, result.events, manifest, args.shards)
     log.info("wrote %s in %.1fs", args.out, time.perf_counter() - start)
     return result.counts
 
@@ -379,7 +389,7 @@ def _prepare_duckdb(args: argparse.Namespace, options: ProcessOptions, start: fl
         log.info("processed in %.1fs", time.perf_counter() - start)
         settings = _settings(args, options, reader_options) | raw.detected
         manifest = make_manifest(args.source, raw.inputs, settings, counts)
-        write_processed(args.out, items, engine.events_reader(), manifest)
+        write_processed(args.out, items, engine.events_reader, manifest, args.shards)
         log.info("wrote %s in %.1fs", args.out, time.perf_counter() - start)
     return counts
 

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from recdata.io import shard_bounds
 from recdata.process import LEAVE_ONE_OUT, ProcessOptions, items_with_metadata, length_stats
 from recdata.schema import EVENTS_SCHEMA, SPLITS, DataError, RawData
 from recdata.tables import EPOCH_MS_THRESHOLD, input_files
@@ -341,8 +342,10 @@ class Engine:
         items = items_with_metadata(
             present["item_id"].to_numpy(dtype=object), present["train"].to_numpy(), raw.items
         )
-        lengths = self.con.execute("SELECT count(*) FROM ev GROUP BY u").fetchnumpy()
-        lengths = np.sort(next(iter(lengths.values())).astype(np.int64))
+        per_user = self.con.execute("SELECT u, count(*) AS n FROM ev GROUP BY u ORDER BY u")
+        per_user = per_user.fetchnumpy()
+        self._user_codes = per_user["u"].astype(np.int64)
+        lengths = np.sort(per_user["n"].astype(np.int64))
         per_split = dict(self.con.execute("SELECT s, count(*) FROM ev GROUP BY s").fetchall())
         with_metadata = int(items["item_id"].isin(raw.items["item_id"]).sum())
         counts = {
@@ -414,15 +417,18 @@ class Engine:
 
     # --- output ------------------------------------------------------------------------
 
-    def events_reader(self) -> Iterator[pa.Table]:
-        """The processed events in EVENTS_SCHEMA, sorted by user then time, in tables of
-        ROW_GROUP rows (the last one shorter)."""
+    def events_reader(self, shard: int = 0, shards: int = 1) -> Iterator[pa.Table]:
+        """The processed events of one shard (recdata.io.shard_bounds) in EVENTS_SCHEMA,
+        sorted by user then time, in tables of ROW_GROUP rows (the last one shorter)."""
+        bounds = shard_bounds(len(self._user_codes), shards)
+        codes = [*self._user_codes.tolist(), np.iinfo(np.int32).max]
+        low, high = codes[bounds[shard]], codes[bounds[shard + 1]]
         reader = self.con.sql(
             f"""SELECT u.id AS user_id, x.item_idx, ev.ts AS timestamp, k.id AS event_type,
             ev.value, CASE ev.s {" ".join(f"WHEN {i} THEN '{s}'" for i, s in enumerate(SPLITS))}
             END AS split FROM ev JOIN (SELECT DISTINCT code, id FROM users) u ON u.code = ev.u
             JOIN idx x ON x.i = ev.i JOIN (SELECT DISTINCT code, id FROM kinds) k
-            ON k.code = ev.e ORDER BY ev.u, ev.ts, ev.rn"""
+            ON k.code = ev.e WHERE ev.u >= {low} AND ev.u < {high} ORDER BY ev.u, ev.ts, ev.rn"""
         ).to_arrow_reader(ROW_GROUP)
         pending: list[pa.RecordBatch] = []
         size = 0

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from recdata.schema import EVENTS_SCHEMA, ITEMS_SCHEMA, SCHEMA_VERSION, SPLITS, 
 
 ITEMS_FILE = "items.parquet"
 EVENTS_FILE = "events.parquet"
+EVENTS_DIR = "events"  # sharded output: events/part-NNNNN.parquet
 MANIFEST_FILE = "manifest.json"
 
 
@@ -75,16 +76,43 @@ def events_table(events: pd.DataFrame) -> pa.Table:
     return pa.table(columns, schema=EVENTS_SCHEMA)
 
 
+def shard_bounds(num_users: int, shards: int) -> list[int]:
+    """User ranks where each events shard starts (and the end): shard k holds the users of
+    rank bounds[k] <= r < bounds[k + 1] in user order, so the shards read in name order are
+    the single file's rows and a user's events never straddle two shards."""
+    return [k * num_users // shards for k in range(shards + 1)]
+
+
+def shard_name(k: int) -> str:
+    return f"{EVENTS_DIR}/part-{k:05d}.parquet"
+
+
+def _frame_shards(events: pd.DataFrame, shards: int) -> list[pa.Table]:
+    """events (sorted by user) cut into `shards` tables by shard_bounds."""
+    users = events["user_id"].to_numpy(dtype=object) if len(events) else np.zeros(0, object)
+    first = np.ones(len(users), dtype=bool)
+    first[1:] = users[1:] != users[:-1]
+    starts = np.flatnonzero(first)  # row where each user (by rank) starts
+    rows = [*starts, len(users)]
+    bounds = shard_bounds(len(starts), shards)
+    table = events_table(events)
+    return [table.slice(rows[a], rows[b] - rows[a]) for a, b in zip(bounds, bounds[1:])]
+
+
 def write_processed(
-    out: Path, items: pd.DataFrame, events: pd.DataFrame | Iterable[pa.Table], manifest: dict
+    out: Path,
+    items: pd.DataFrame,
+    events: pd.DataFrame | Callable[[int, int], Iterable[pa.Table]],
+    manifest: dict,
+    shards: int = 1,
 ) -> None:
-    """Write the three files atomically: into a temp dir beside `out`, then rename it into place.
+    """Write the data directory atomically: into a temp dir beside `out`, then rename it into
+    place.
 
-    events: a frame, or EVENTS_SCHEMA tables in order (the DuckDB engine streams them; one row
-    group per table).
-
-    On any error the temp dir is removed and `out` is untouched. An existing `out` is replaced
-    only if it is a previous output (it has a manifest.json) or an empty directory.
+    events: a frame, or a function (shard, shards) -> EVENTS_SCHEMA tables of that shard in
+    order (the DuckDB engine streams them; one row group per table). shards > 1 writes
+    events/part-NNNNN.parquet (users split by shard_bounds) instead of events.parquet and lists
+    each shard in the manifest with its rows and sha256.
     """
     out = Path(out)
     if out.exists() and not _replaceable(out):
@@ -99,11 +127,21 @@ def write_processed(
     try:
         pq.write_table(items_table(items), tmp / ITEMS_FILE, compression="zstd")
         if isinstance(events, pd.DataFrame):
-            pq.write_table(events_table(events), tmp / EVENTS_FILE, compression="zstd")
+            parts = [[t] for t in _frame_shards(events, shards)] if shards > 1 else None
+            if parts is None:
+                pq.write_table(events_table(events), tmp / EVENTS_FILE, compression="zstd")
         else:
-            with pq.ParquetWriter(tmp / EVENTS_FILE, EVENTS_SCHEMA, compression="zstd") as writer:
-                for table in events:
-                    writer.write_table(table)
+            parts = [events(k, shards) for k in range(shards)]
+        if parts is not None and shards == 1:
+            _write_tables(tmp / EVENTS_FILE, parts[0])
+        elif parts is not None:
+            (tmp / EVENTS_DIR).mkdir()
+            listed = []
+            for k, tables in enumerate(parts):
+                path = tmp / shard_name(k)
+                rows = _write_tables(path, tables)
+                listed.append({"file": shard_name(k), "rows": rows, "sha256": file_sha256(path)})
+            manifest = manifest | {"shards": listed}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _swap_into_place(tmp, out)
     except OSError as e:
@@ -112,6 +150,17 @@ def write_processed(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_tables(path: Path, tables: Iterable[pa.Table]) -> int:
+    """Tables into one Parquet file, each table a row group (at most 1Mi rows, pyarrow's
+    default, so a frame written whole by write_table gives the same bytes); rows written."""
+    rows = 0
+    with pq.ParquetWriter(path, EVENTS_SCHEMA, compression="zstd") as writer:
+        for table in tables:
+            writer.write_table(table)
+            rows += table.num_rows
+    return rows
 
 
 def _replaceable(out: Path) -> bool:
@@ -175,7 +224,13 @@ def load_processed(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             "re-run prepare_data.py"
         )
     items = _read_checked(path / ITEMS_FILE, ITEMS_SCHEMA)
-    events = _read_checked(path / EVENTS_FILE, EVENTS_SCHEMA)
+    if "shards" in manifest:
+        events = pd.concat(
+            [_read_checked(f, EVENTS_SCHEMA) for f in event_shards(path, manifest)],
+            ignore_index=True,
+        )
+    else:
+        events = _read_checked(path / EVENTS_FILE, EVENTS_SCHEMA)
     n_items = len(items)
     if not np.array_equal(items["item_idx"].to_numpy(), np.arange(1, n_items + 1)):
         raise DataError(f"{path / ITEMS_FILE}: item_idx is not 1..{n_items} in row order")
@@ -186,3 +241,39 @@ def load_processed(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     if unknown:
         raise DataError(f"{path / EVENTS_FILE}: unknown split values {sorted(unknown)}")
     return items, events, manifest
+
+
+def event_shards(path: Path, manifest: dict) -> list[Path]:
+    """The events shards of a sharded data directory, checked against its manifest: every
+    listed file there with its rows and sha256, and no other file in events/."""
+    listed = manifest.get("shards")
+    if not isinstance(listed, list) or not listed:
+        raise DataError(f"{path / MANIFEST_FILE}: 'shards' is not a list of events shards")
+    names = {entry.get("file") for entry in listed if isinstance(entry, dict)}
+    found = sorted((path / EVENTS_DIR).glob("*.parquet")) if (path / EVENTS_DIR).is_dir() else []
+    for file in found:
+        if f"{EVENTS_DIR}/{file.name}" not in names:
+            raise DataError(f"{file}: shard not listed in {path / MANIFEST_FILE}")
+    files = []
+    for entry in listed:
+        file = path / str(entry.get("file"))
+        if not file.is_file():
+            raise DataError(f"{file}: missing shard (listed in {path / MANIFEST_FILE})")
+        try:
+            rows = pq.ParquetFile(file).metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{file}: not a readable Parquet file ({e})") from None
+        if rows != entry.get("rows"):
+            raise DataError(f"{file}: {rows} rows, {MANIFEST_FILE} says {entry.get('rows')}")
+        if file_sha256(file) != entry.get("sha256"):
+            raise DataError(
+                f"{file}: sha256 does not match {MANIFEST_FILE} (changed since prepare_data.py "
+                "wrote it)"
+            )
+        files.append(file)
+    return files
+
+
+def load_events_shard(file: Path) -> pd.DataFrame:
+    """One events shard (from event_shards), columns and types checked."""
+    return _read_checked(file, EVENTS_SCHEMA)

@@ -36,21 +36,35 @@ def read_live(url: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     for change in changes:  # in order: the last change of an item wins
         latest[change.item_id] = change
     puts = [c for c in latest.values() if c.op == "put"]
-    items = pd.DataFrame({
-        "item_id": pd.Series([c.item_id for c in puts], dtype=object),
-        "text": pd.Series([c.text or "" for c in puts], dtype=object),
-        "category": pd.Series([c.category or "" for c in puts], dtype=object),
-        "brand": pd.Series([c.brand or "" for c in puts], dtype=object),
-        "price": pd.Series([np.nan if c.price is None else c.price for c in puts],
-                           dtype="float64")}) if puts else empty_items()
-    frame = make_events(pd.Categorical([e.user_id for e in events]),
-                        pd.Categorical([e.item_id for e in events]),
-                        np.array([int(e.ts) for e in events], np.int64),
-                        pd.Categorical([e.event_type for e in events]),
-                        np.ones(len(events), np.float32))
-    notes = {"live_db": describe(url), "live_events": len(events), "live_items": len(puts),
-             "events_through": events[-1].seq if events else 0,
-             "item_changes_through": changes[-1].seq if changes else 0}
+    items = (
+        pd.DataFrame(
+            {
+                "item_id": pd.Series([c.item_id for c in puts], dtype=object),
+                "text": pd.Series([c.text or "" for c in puts], dtype=object),
+                "category": pd.Series([c.category or "" for c in puts], dtype=object),
+                "brand": pd.Series([c.brand or "" for c in puts], dtype=object),
+                "price": pd.Series(
+                    [np.nan if c.price is None else c.price for c in puts], dtype="float64"
+                ),
+            }
+        )
+        if puts
+        else empty_items()
+    )
+    frame = make_events(
+        pd.Categorical([e.user_id for e in events]),
+        pd.Categorical([e.item_id for e in events]),
+        np.array([int(e.ts) for e in events], np.int64),
+        pd.Categorical([e.event_type for e in events]),
+        np.ones(len(events), np.float32),
+    )
+    notes = {
+        "live_db": describe(url),
+        "live_events": len(events),
+        "live_items": len(puts),
+        "events_through": events[-1].seq if events else 0,
+        "item_changes_through": changes[-1].seq if changes else 0,
+    }
     return frame, items, notes
 
 
@@ -73,6 +87,12 @@ def with_live(raw: RawData | None, url: str) -> tuple[RawData, dict]:
     if len(items):
         base = base[~base["item_id"].astype(str).isin(set(items["item_id"]))]
     all_items = pd.concat([base, items], ignore_index=True) if len(base) else items
-    return RawData(events=merged, items=all_items, dropped=raw.dropped, inputs=raw.inputs,
-                   rows_read=raw.rows_read + len(events),
-                   item_rows_skipped=raw.item_rows_skipped, detected=raw.detected), notes
+    return RawData(
+        events=merged,
+        items=all_items,
+        dropped=raw.dropped,
+        inputs=raw.inputs,
+        rows_read=raw.rows_read + len(events),
+        item_rows_skipped=raw.item_rows_skipped,
+        detected=raw.detected,
+    ), notes

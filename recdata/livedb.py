@@ -40,15 +40,17 @@ class DatabaseError(RuntimeError):
 
 def _migrations(serial: str) -> dict[int, list[str]]:
     """Schema version -> the statements that reach it from the one before."""
-    return {1: [
-        f"CREATE TABLE item_changes (seq {serial}, item_id TEXT NOT NULL, op TEXT NOT NULL, "
-        "text TEXT, category TEXT, brand TEXT, price DOUBLE PRECISION, "
-        "at DOUBLE PRECISION NOT NULL)",
-        "CREATE INDEX item_changes_item ON item_changes (item_id)",
-        f"CREATE TABLE events (seq {serial}, user_id TEXT NOT NULL, item_id TEXT NOT NULL, "
-        "event_type TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, at DOUBLE PRECISION NOT NULL)",
-        "CREATE INDEX events_user ON events (user_id, seq)",
-    ]}
+    return {
+        1: [
+            f"CREATE TABLE item_changes (seq {serial}, item_id TEXT NOT NULL, op TEXT NOT NULL, "
+            "text TEXT, category TEXT, brand TEXT, price DOUBLE PRECISION, "
+            "at DOUBLE PRECISION NOT NULL)",
+            "CREATE INDEX item_changes_item ON item_changes (item_id)",
+            f"CREATE TABLE events (seq {serial}, user_id TEXT NOT NULL, item_id TEXT NOT NULL, "
+            "event_type TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, at DOUBLE PRECISION NOT NULL)",
+            "CREATE INDEX events_user ON events (user_id, seq)",
+        ]
+    }
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,14 @@ class Database:
         self.url, self.connect_timeout = url, connect_timeout
         if url.startswith("sqlite:///"):
             self.kind = "sqlite"
-            self.path = Path(url[len("sqlite:///"):])
+            self.path = Path(url[len("sqlite:///") :])
         elif url.startswith(("postgresql://", "postgres://")):
             self.kind = "postgresql"
         else:
-            raise ValueError(f"DATABASE_URL={describe(url)!r}: expected sqlite:///PATH or "
-                             "postgresql://USER@HOST:PORT/DB")
+            raise ValueError(
+                f"DATABASE_URL={describe(url)!r}: expected sqlite:///PATH or "
+                "postgresql://USER@HOST:PORT/DB"
+            )
         self._lock = threading.Lock()
         self._conn = None  # connected (and the schema migrated) on first use
         self.schema_version: int | None = None
@@ -120,15 +124,20 @@ class Database:
         try:
             if self.kind == "sqlite":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.path, timeout=self.connect_timeout,
-                                       check_same_thread=False, isolation_level=None)
+                conn = sqlite3.connect(
+                    self.path,
+                    timeout=self.connect_timeout,
+                    check_same_thread=False,
+                    isolation_level=None,
+                )
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
             else:
                 import psycopg
 
-                conn = psycopg.connect(self.url, connect_timeout=max(1, int(
-                    self.connect_timeout)), autocommit=True)
+                conn = psycopg.connect(
+                    self.url, connect_timeout=max(1, int(self.connect_timeout)), autocommit=True
+                )
         except (*self._errors, OSError) as error:
             raise DatabaseError(f"cannot connect to {describe(self.url)}: {error}") from error
         self._conn = conn
@@ -178,8 +187,10 @@ class Database:
                         pass
                 else:
                     self._close()  # reconnect on the next call
-                raise DatabaseError(f"{describe(self.url)}: {type(error).__name__}: "
-                                    f"{str(error).strip().splitlines()[0][:300]}") from error
+                raise DatabaseError(
+                    f"{describe(self.url)}: {type(error).__name__}: "
+                    f"{str(error).strip().splitlines()[0][:300]}"
+                ) from error
             return rows
 
     def _query(self, statement: str, params: Sequence = ()) -> list:
@@ -194,18 +205,25 @@ class Database:
             except self._errors as error:
                 if self.kind != "sqlite":
                     self._close()
-                raise DatabaseError(f"{describe(self.url)}: {type(error).__name__}: "
-                                    f"{str(error).strip().splitlines()[0][:300]}") from error
+                raise DatabaseError(
+                    f"{describe(self.url)}: {type(error).__name__}: "
+                    f"{str(error).strip().splitlines()[0][:300]}"
+                ) from error
 
     # ---- schema ----
     def _migrate(self) -> None:
         """Create or bring the schema up to SCHEMA_VERSION (one transaction; on PostgreSQL under
         an advisory lock, so processes starting together migrate once)."""
         conn = self._conn
-        serial = ("INTEGER PRIMARY KEY AUTOINCREMENT" if self.kind == "sqlite"
-                  else "BIGSERIAL PRIMARY KEY")
-        create = ("CREATE TABLE IF NOT EXISTS towerrec_schema (version INTEGER NOT NULL, "
-                  "applied_at DOUBLE PRECISION NOT NULL)")
+        serial = (
+            "INTEGER PRIMARY KEY AUTOINCREMENT"
+            if self.kind == "sqlite"
+            else "BIGSERIAL PRIMARY KEY"
+        )
+        create = (
+            "CREATE TABLE IF NOT EXISTS towerrec_schema (version INTEGER NOT NULL, "
+            "applied_at DOUBLE PRECISION NOT NULL)"
+        )
         if self.kind == "sqlite":
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -222,60 +240,85 @@ class Database:
                 cursor.execute(create)
                 cursor.execute("SELECT MAX(version) FROM towerrec_schema")
                 current = cursor.fetchone()[0]
-                self._apply(lambda s, p=(): cursor.execute(self._sql(s), p), current or 0,
-                            serial)
+                self._apply(lambda s, p=(): cursor.execute(self._sql(s), p), current or 0, serial)
         self.schema_version = SCHEMA_VERSION
 
     def _apply(self, execute, current: int, serial: str) -> None:
         if current > SCHEMA_VERSION:
-            raise DatabaseError(f"{describe(self.url)} has schema version {current}, newer "
-                                f"than this towerrec's {SCHEMA_VERSION}")
+            raise DatabaseError(
+                f"{describe(self.url)} has schema version {current}, newer "
+                f"than this towerrec's {SCHEMA_VERSION}"
+            )
         for version, statements in sorted(_migrations(serial).items()):
             if version > current:
                 for statement in statements:
                     execute(statement)
-                execute("INSERT INTO towerrec_schema (version, applied_at) VALUES (?, ?)",
-                        (version, time.time()))
-                log.info("database %s: schema migrated to version %d", describe(self.url),
-                         version)
+                execute(
+                    "INSERT INTO towerrec_schema (version, applied_at) VALUES (?, ?)",
+                    (version, time.time()),
+                )
+                log.info("database %s: schema migrated to version %d", describe(self.url), version)
 
     def stored_schema_version(self) -> int:
         return int(self._query("SELECT MAX(version) FROM towerrec_schema")[0][0])
 
     # ---- writes (each call one transaction) ----
-    def change_items(self, puts: Sequence[tuple[str, str, str, str, float | None]] = (),
-                     deletes: Sequence[str] = ()) -> None:
+    def change_items(
+        self,
+        puts: Sequence[tuple[str, str, str, str, float | None]] = (),
+        deletes: Sequence[str] = (),
+    ) -> None:
         """Puts as (item_id, text, category, brand, price) rows, then deletes: one
         transaction."""
         now = time.time()
-        statements = [("INSERT INTO item_changes (item_id, op, text, category, brand, price, "
-                       "at) VALUES (?, 'put', ?, ?, ?, ?, ?)", (*row, now)) for row in puts]
-        statements += [("INSERT INTO item_changes (item_id, op, at) VALUES (?, 'delete', ?)",
-                        (item, now)) for item in deletes]
+        statements = [
+            (
+                "INSERT INTO item_changes (item_id, op, text, category, brand, price, "
+                "at) VALUES (?, 'put', ?, ?, ?, ?, ?)",
+                (*row, now),
+            )
+            for row in puts
+        ]
+        statements += [
+            ("INSERT INTO item_changes (item_id, op, at) VALUES (?, 'delete', ?)", (item, now))
+            for item in deletes
+        ]
         self._transaction(statements)
 
     def add_events(self, events: Sequence[tuple[str, str, str, float]]) -> None:
         """(user_id, item_id, event_type, ts) rows."""
         now = time.time()
-        self._transaction(("INSERT INTO events (user_id, item_id, event_type, ts, at) "
-                           "VALUES (?, ?, ?, ?, ?)", (*row, now)) for row in events)
+        self._transaction(
+            (
+                "INSERT INTO events (user_id, item_id, event_type, ts, at) VALUES (?, ?, ?, ?, ?)",
+                (*row, now),
+            )
+            for row in events
+        )
 
     # ---- reads ----
-    def item_changes(self, after: int, also: Sequence[int] = (), limit: int = 50_000
-                     ) -> list[ItemChange]:
-        return [ItemChange(*row) for row in self._since("item_changes", ITEM_COLUMNS, after,
-                                                        also, limit)]
+    def item_changes(
+        self, after: int, also: Sequence[int] = (), limit: int = 50_000
+    ) -> list[ItemChange]:
+        return [
+            ItemChange(*row)
+            for row in self._since("item_changes", ITEM_COLUMNS, after, also, limit)
+        ]
 
     def events(self, after: int, also: Sequence[int] = (), limit: int = 50_000) -> list[Event]:
         return [Event(*row) for row in self._since("events", EVENT_COLUMNS, after, also, limit)]
 
-    def _since(self, table: str, columns: Sequence[str], after: int, also: Sequence[int],
-               limit: int) -> list:
+    def _since(
+        self, table: str, columns: Sequence[str], after: int, also: Sequence[int], limit: int
+    ) -> list:
         extra = ""
         if also:
             extra = f" OR seq IN ({', '.join('?' * len(also))})"
-        return self._query(f"SELECT {', '.join(columns)} FROM {table} WHERE seq > ?{extra} "
-                           f"ORDER BY seq LIMIT {int(limit)}", (after, *also))
+        return self._query(
+            f"SELECT {', '.join(columns)} FROM {table} WHERE seq > ?{extra} "
+            f"ORDER BY seq LIMIT {int(limit)}",
+            (after, *also),
+        )
 
 
 class Tail:

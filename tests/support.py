@@ -22,9 +22,10 @@ WORDS = ["red", "blue", "green", "mug", "lamp", "candle", "heart", "garden", "me
 
 def write_processed(out: Path, num_users: int = 60, num_items: int = 24, seq_len: int = 8,
                     event_types: tuple[str, ...] = ("purchase",), ratings: bool = False,
-                    seed: int = 0) -> Path:
+                    seed: int = 0, shards: int = 1) -> Path:
     """A prepared data set (items/events/manifest) where each user walks the catalog in a
-    fixed cycle (next = current + 1 mod N), so next-item prediction is learnable."""
+    fixed cycle (next = current + 1 mod N), so next-item prediction is learnable. shards > 1:
+    the events as events/part-NNNNN.parquet, users split as prepare_data.py --shards does."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -51,9 +52,22 @@ def write_processed(out: Path, num_users: int = 60, num_items: int = 24, seq_len
         "price": [float(1 + i % 7) for i in range(1, num_items + 1)],
         "count": counts.astype(np.int64)})
     items.to_parquet(out / "items.parquet", index=False)
-    events.to_parquet(out / "events.parquet", index=False)
     manifest = {"schema_version": 1, "source": "test-fixture",
                 "num_users": num_users, "num_items": num_items, "num_events": len(events)}
+    if shards == 1:
+        events.to_parquet(out / "events.parquet", index=False)
+    else:
+        from recdata.io import file_sha256, shard_bounds, shard_name
+
+        users = events["user_id"].unique()
+        bounds = shard_bounds(len(users), shards)
+        (out / "events").mkdir(exist_ok=True)
+        manifest["shards"] = []
+        for k in range(shards):
+            part = events[events["user_id"].isin(users[bounds[k]:bounds[k + 1]])]
+            part.to_parquet(out / shard_name(k), index=False)
+            manifest["shards"].append({"file": shard_name(k), "rows": len(part),
+                                       "sha256": file_sha256(out / shard_name(k))})
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 

@@ -6,6 +6,7 @@ process a test starts is stopped in `finally`."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -369,3 +370,64 @@ def test_parameter_server_refuses_a_fine_tuned_encoder():
     with pytest.raises(ValueError, match="needs text_mode=frozen"):
         TrainConfig(distribute="parameter_server", text_mode="finetune",
                     negatives="sampled").validate()
+
+
+# --- Sharded input: workers read their own files ----------------------------------------------
+
+SMALL_GRAPH = "20000"  # bytes: a graph-constant cap the test data's windows exceed
+
+
+def test_windows_over_the_graph_limit_are_refused_without_shards(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOWERREC_GRAPH_CONSTANT_LIMIT", SMALL_GRAPH)
+    data = write_processed(tmp_path / "data", num_users=400)
+    ports = _free_ports(3)  # nothing listens: the chief refuses before connecting
+    cluster = {"chief": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{ports[1]}"],
+               "ps": [f"127.0.0.1:{ports[2]}"]}
+    result = _train_exit(["--data", str(data), "--out", str(tmp_path / "o"),
+                          "--distribute", "parameter_server", *TINY],
+                         {"cluster": cluster, "task": {"type": "chief", "index": 0}}, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "do not fit in the dataset function's graph" in result.stderr
+    assert "--shards N" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_parameter_server_workers_read_their_own_shards(tmp_path, monkeypatch):
+    # The graph cap lowered below these windows: the unsharded path would refuse (test above);
+    # the sharded one never puts windows in a graph.
+    monkeypatch.setenv("TOWERREC_GRAPH_CONSTANT_LIMIT", SMALL_GRAPH)
+    data = write_processed(tmp_path / "data", num_users=400, shards=4)
+    ports = _free_ports(5)
+    cluster = {"chief": [f"127.0.0.1:{ports[0]}"],
+               "worker": [f"127.0.0.1:{p}" for p in ports[1:3]],
+               "ps": [f"127.0.0.1:{p}" for p in ports[3:5]]}
+    args = ["--data", str(data), "--out", str(tmp_path / "models" / "tiny"),
+            "--distribute", "parameter_server", *TINY]
+    processes, logs = [], []
+    try:
+        for job, count in (("ps", 2), ("worker", 2)):
+            for index in range(count):
+                logs.append(tmp_path / f"{job}{index}.log")
+                processes.append(_start(args, {"cluster": cluster, "task": {
+                    "type": job, "index": index}}, tmp_path, logs[-1]))
+        _wait_listening(ports[1:], processes, logs)
+        logs.append(tmp_path / "chief.log")
+        processes.append(_start(args, {"cluster": cluster, "task": {"type": "chief",
+                                                                      "index": 0}},
+                                tmp_path, logs[-1]))
+        output = _wait(processes[-1], logs[-1], CLUSTER_TIMEOUT)
+    finally:
+        _stop(processes)
+    assert "training input: 4 window files" in output
+    # Each worker built its dataset from its own files only: 0 and 2, or 1 and 3.
+    for index, own in ((0, ("part-00000", "part-00002")), (1, ("part-00001", "part-00003"))):
+        reads = [line for line in (tmp_path / f"worker{index}.log").read_text().splitlines()
+                 if "towerrec input: worker" in line]
+        assert reads, f"worker {index} built no dataset"
+        for line in reads:
+            named = sorted(re.findall(r"part-\d{5}", line))
+            assert named == list(own), line
+    run_dir = next((tmp_path / "runs").glob("tiny-*"))
+    history = pd.read_csv(run_dir / "history.csv")
+    assert len(history) == 3 and np.isfinite(history["loss"]).all()
+    model_dir = tmp_path / "models" / "tiny" / "1" / "retrieval_bruteforce"
+    assert (model_dir / "saved_model.pb").is_file()

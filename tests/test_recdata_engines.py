@@ -3,6 +3,9 @@ gives the same files (byte for byte: same rows, ids, splits, order, manifest); b
 refused the same way; the memory limit is a setting."""
 
 import gzip
+import json
+import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from recdata import DataError, load_processed
 from recdata.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "recdata"
@@ -37,7 +41,12 @@ def assert_same_outputs(tmp_path: Path, *parts) -> Path:
     code_pandas, pandas_out = prepare(tmp_path, "pandas", *parts)
     code_duckdb, duckdb_out = prepare(tmp_path, "duckdb", *parts)
     assert (code_pandas, code_duckdb) == (0, 0)
-    for name in FILES:
+    names = sorted(str(f.relative_to(pandas_out)) for f in pandas_out.rglob("*") if f.is_file())
+    assert names == sorted(
+        str(f.relative_to(duckdb_out)) for f in duckdb_out.rglob("*") if f.is_file()
+    )
+    assert set(FILES) - {"events.parquet"} <= set(names)
+    for name in names:
         a, b = (pandas_out / name).read_bytes(), (duckdb_out / name).read_bytes()
         if a != b and name.endswith(".parquet"):  # say which rows differ before failing
             pd.testing.assert_frame_equal(
@@ -222,3 +231,51 @@ def test_memory_limit_is_a_setting(tmp_path, capsys):
     assert code == 2 and "--memory-limit applies to --engine duckdb" in capsys.readouterr().err
     code, _ = prepare(tmp_path, "duckdb", SYNTHETIC, "--memory-limit lots")
     assert code == 2 and "'lots' is not a size" in capsys.readouterr().err
+
+
+# --- Sharded output --------------------------------------------------------------------------
+
+
+def test_shards_split_users_and_match_the_single_file(tmp_path):
+    out = assert_same_outputs(tmp_path / "sharded", SYNTHETIC, "--shards 3")
+    code, single = prepare(tmp_path, "duckdb", SYNTHETIC)
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["file"] for s in manifest["shards"]] == [
+        f"events/part-{k:05d}.parquet" for k in range(3)
+    ]
+    assert not (out / "events.parquet").exists()
+    parts = [pd.read_parquet(out / s["file"]) for s in manifest["shards"]]
+    assert [len(p) for p in parts] == [s["rows"] for s in manifest["shards"]]
+    users = [set(p["user_id"]) for p in parts]
+    assert all(users) and not (users[0] & users[1] or users[1] & users[2] or users[0] & users[2])
+    whole = pd.read_parquet(single / "events.parquet")
+    pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), whole)
+    _, events, _ = load_processed(out)
+    pd.testing.assert_frame_equal(events, whole)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("extra", "part-00003.parquet: shard not listed in"),
+        ("missing", "part-00001.parquet: missing shard (listed in"),
+        ("changed", "part-00002.parquet: sha256 does not match manifest.json"),
+        ("rows", "part-00000.parquet: 5 rows, manifest.json says"),
+    ],
+)
+def test_damaged_shards_are_refused_by_name(tmp_path, damage, message):
+    code, out = prepare(tmp_path, "duckdb", SYNTHETIC, "--shards 3")
+    assert code == 0
+    shard = out / "events" / "part-00000.parquet"
+    if damage == "extra":
+        shutil.copy(shard, out / "events" / "part-00003.parquet")
+    elif damage == "missing":
+        (out / "events" / "part-00001.parquet").unlink()
+    elif damage == "changed":  # same rows, other bytes
+        path = out / "events" / "part-00002.parquet"
+        pq.write_table(pq.read_table(path), path, compression="snappy")
+    else:
+        pq.write_table(pq.read_table(shard).slice(0, 5), shard)
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_processed(out)

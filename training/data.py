@@ -17,6 +17,7 @@ from towers.spec import ModelSpec
 from training.config import TrainConfig
 from training.features import ItemFeatures, item_features
 from training.sequences import Sequences, build_sequences, training_arrays
+from training.shard_input import WindowShards, write_window_shards
 
 
 @dataclass
@@ -25,7 +26,16 @@ class TrainingData:
     manifest: dict
     seqs: Sequences
     features: ItemFeatures
-    windows: dict[str, np.ndarray]  # training_arrays: left-padded windows and their targets
+    # training_arrays: left-padded windows and their targets; None when they are in files
+    # for parameter-server workers (window_shards)
+    windows: dict[str, np.ndarray] | None
+    window_shards: WindowShards | None = None
+
+    @property
+    def window_count(self) -> int:
+        if self.window_shards is not None:
+            return self.window_shards.windows
+        return len(self.windows["targets"])
 
     @property
     def train_counts(self) -> np.ndarray:
@@ -41,10 +51,19 @@ class TrainingData:
     @property
     def positions(self) -> int:
         """Next-item targets per epoch."""
+        if self.window_shards is not None:
+            return self.window_shards.positions
         return int((self.windows["targets"] > 0).sum())
 
+    @property
+    def purchase_positions(self) -> float:
+        """Targets that are purchases (the ranking task's positives)."""
+        if self.window_shards is not None:
+            return self.window_shards.purchases
+        return float(self.windows["target_purchase"][self.windows["targets"] > 0].sum())
+
     def mean_batch_positions(self, batch_size: int) -> float:
-        return self.positions / math.ceil(len(self.windows["targets"]) / batch_size)
+        return self.positions / math.ceil(self.window_count / batch_size)
 
     def positions_per_batch(self, config: TrainConfig) -> float:
         """Mean positions per batch, the loss weight of length-bucketed batches (0 = off)."""
@@ -53,15 +72,27 @@ class TrainingData:
         return self.mean_batch_positions(config.batch_size)
 
 
-def load_training_data(config: TrainConfig, data_dir: str | Path) -> TrainingData:
-    """Load a prepared data directory and build everything training needs but the model."""
+def load_training_data(config: TrainConfig, data_dir: str | Path,
+                       window_dir: Path | None = None) -> TrainingData:
+    """Load a prepared data directory and build everything training needs but the model.
+
+    With `window_dir` (a parameter-server chief) and sharded data, the training windows go to
+    one file per shard there (training/shard_input.py) instead of memory."""
     items, events, manifest = load_processed(data_dir)
     seqs = build_sequences(events, len(items), config.cold_items, config.seed)
     features = item_features(items, seqs.train_counts(), config)
-    windows = training_arrays(seqs, config.max_seq_len, config.train_windows)
-    if len(windows["history"]) == 0:
+    windows, shards = None, None
+    if window_dir is not None and "shards" in manifest:
+        shards = write_window_shards(Path(data_dir), manifest, seqs, config.max_seq_len,
+                                     config.train_windows, config.seed, config.cold_items,
+                                     window_dir)
+        count = shards.windows
+    else:
+        windows = training_arrays(seqs, config.max_seq_len, config.train_windows)
+        count = len(windows["history"])
+    if count == 0:
         raise ValueError(f"{data_dir}: no user has two training events; nothing to train on")
-    return TrainingData(items, manifest, seqs, features, windows)
+    return TrainingData(items, manifest, seqs, features, windows, shards)
 
 
 def ranking_mode(config: TrainConfig, seqs: Sequences) -> str:
@@ -183,9 +214,8 @@ def model_spec(config: TrainConfig, data: TrainingData, retrieval: str) -> Model
     pos_weight = 1.0
     if mode == "purchase":
         # One sampled negative per observed next item, plus observed non-purchases.
-        labels = data.windows["target_purchase"][data.windows["targets"] > 0]
-        positives = max(float(labels.sum()), 1.0)
-        pos_weight = max(1.0, (2 * len(labels) - positives) / positives)
+        positives = max(data.purchase_positions, 1.0)
+        pos_weight = max(1.0, (2 * data.positions - positives) / positives)
     # Requests without event types are taken to be the most common training event.
     default_event = int(np.argmax(np.bincount(seqs.event_types))) if len(seqs.items) else 0
     return ModelSpec(

@@ -20,6 +20,7 @@ from training.cluster import ClusterTask, parameter_server_strategy
 from training.config import TrainConfig
 from training.precision import Precision
 from training.resume import epoch_seed
+from training.shard_input import WindowShards, sharded_dataset
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,20 @@ def training_dataset(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
             .apply(tf.data.experimental.assert_cardinality(size)).prefetch(2))
 
 
+# Constants inside a graph travel in one protobuf, capped at 2 GB (less the graph itself).
+GRAPH_CONSTANT_LIMIT = int(os.environ.get("TOWERREC_GRAPH_CONSTANT_LIMIT", 2**31 - 2**26))
+
+
+def check_graph_windows(arrays: dict[str, np.ndarray]) -> None:
+    """Refuse windows that cannot travel inside the dataset function's graph."""
+    size = sum(values.nbytes for values in arrays.values())
+    if size > GRAPH_CONSTANT_LIMIT:
+        raise ValueError(
+            f"{len(arrays['history']):,} training windows ({size / 2**20:,.1f} MiB) do not fit "
+            f"in the dataset function's graph (limit {GRAPH_CONSTANT_LIMIT / 2**20:,.1f} MiB): "
+            "prepare the data with --shards N (N >= workers) and each worker reads its own")
+
+
 def parameter_server_dataset(arrays: dict[str, np.ndarray], batch_size: int,
                              use_events: bool) -> tf.keras.utils.experimental.DatasetCreator:
     """The training windows for parameter-server workers: each worker runs this dataset
@@ -108,6 +123,7 @@ def parameter_server_dataset(arrays: dict[str, np.ndarray], batch_size: int,
     names = ["history", "targets", "target_values", "target_purchase"]
     if use_events:
         names.append("event_types")
+    check_graph_windows(arrays)
     windows = {name: arrays[name] for name in names}
 
     def cut(batch):
@@ -124,15 +140,19 @@ def parameter_server_dataset(arrays: dict[str, np.ndarray], batch_size: int,
     return tf.keras.utils.experimental.DatasetCreator(dataset_fn)
 
 
-def fit(model: TwoTowerModel, windows: dict[str, np.ndarray], config: TrainConfig,
+def fit(model: TwoTowerModel, windows: dict[str, np.ndarray] | WindowShards, config: TrainConfig,
         run_dir: Path, callbacks: list[tf.keras.callbacks.Callback], use_events: bool,
-        first_epoch: int = 0) -> None:
+        first_epoch: int = 0, workers: int = 1) -> None:
     """Keras fit over the training windows from `first_epoch` until the epochs, patience or
     budget run out; `callbacks` (validation first) log each epoch's line, CSVLogger and
     TensorBoard keep the curves. Under ParameterServerStrategy the chief schedules an epoch's
-    steps on the workers."""
+    steps on the `workers` workers, which read window files when `windows` is WindowShards."""
     steps = None
-    if isinstance(model.distribute_strategy, tf.distribute.ParameterServerStrategy):
+    strategy = model.distribute_strategy
+    if isinstance(windows, WindowShards):
+        dataset = sharded_dataset(windows, workers, config.batch_size, use_events)
+        steps = math.ceil(windows.windows / config.batch_size)
+    elif isinstance(strategy, tf.distribute.ParameterServerStrategy):
         dataset = parameter_server_dataset(windows, config.batch_size, use_events)
         steps = math.ceil(len(windows["history"]) / config.batch_size)
     else:

@@ -28,6 +28,7 @@ class Sequences:
     event_vocab: list[str]  # id i + 1 <-> event_vocab[i]
     num_items: int
     cold_items: np.ndarray  # item_idx held out of training (cold-start experiment)
+    any_purchase: bool = True  # the data has purchase events (else every event is a positive)
 
     @property
     def num_event_types(self) -> int:
@@ -51,13 +52,17 @@ def held_out_items(num_items: int, cold_fraction: float, seed: int) -> np.ndarra
 
 
 def build_sequences(events: pd.DataFrame, num_items: int, cold_fraction: float = 0.0,
-                    seed: int = 0) -> Sequences:
+                    seed: int = 0, event_vocab: list[str] | None = None,
+                    any_purchase: bool | None = None) -> Sequences:
     """Split events (sorted by user then time, as prepare_data writes them) into sequences.
 
     With `cold_fraction` > 0 that share of items is removed from the training events entirely
     (their valid/test events stay), to measure how well cold items are recommended.
+    `event_vocab` and `any_purchase` default to what `events` holds; a part of the data (one
+    shard) passes the whole data's.
     """
-    event_vocab = sorted(events["event_type"].astype(str).unique())
+    if event_vocab is None:
+        event_vocab = sorted(events["event_type"].astype(str).unique())
     event_ids = pd.Categorical(events["event_type"].astype(str),
                                categories=event_vocab).codes.astype(np.int32) + 1
     user_codes, user_ids = pd.factorize(events["user_id"], sort=False)
@@ -68,7 +73,9 @@ def build_sequences(events: pd.DataFrame, num_items: int, cold_fraction: float =
     kinds = events["event_type"].astype(str).to_numpy()
     # Ranking label of an observed event: purchased or not; where the data has no purchase
     # events at all, every observed interaction is a positive (against sampled negatives).
-    purchase = ((kinds == PURCHASE) if (kinds == PURCHASE).any()
+    if any_purchase is None:
+        any_purchase = bool((kinds == PURCHASE).any())
+    purchase = ((kinds == PURCHASE) if any_purchase
                 else np.ones(len(kinds), bool)).astype(np.float32)
 
     cold = held_out_items(num_items, cold_fraction, seed)
@@ -94,7 +101,7 @@ def build_sequences(events: pd.DataFrame, num_items: int, cold_fraction: float =
     return Sequences(np.asarray(user_ids), offsets, items[train][order],
                      event_ids[train][order], values[train][order], purchase[train][order],
                      valid_item, valid_event, test_item, test_event, event_vocab, num_items,
-                     cold)
+                     cold, any_purchase)
 
 
 def _left_pad(rows: list[np.ndarray], length: int, dtype) -> np.ndarray:

@@ -21,7 +21,7 @@ from training.cluster import ClusterTask, cluster_task, sharded_tables
 from training.config import TrainConfig
 from training.data import load_training_data, model_spec, retrieval_mode, write_run_tables
 from training.features import install_features
-from training.fit import device_name, fit, make_strategy
+from training.fit import check_graph_windows, device_name, fit, make_strategy
 from training.optimizers import make_optimizer, resolve_optimizer
 from training.precision import device_precision
 from training.report import write_report
@@ -37,6 +37,7 @@ from training.resume import (
 )
 from training.scoring import UserScorer, ValidationCallback, score_test_split, validation_rows
 from training.sequences import eval_set
+from training.shard_input import INPUT_DIR, check_worker_count
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,14 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
     local = task.mode == "single"
 
     if task.mode == "parameter_server":  # the item tables' partitioner needs the catalog size
-        data = load_training_data(config, data_dir)
+        # Sharded data: the workers read window files (one per shard) instead of the graph.
+        data = load_training_data(config, data_dir, window_dir=run_dir / INPUT_DIR)
+        if data.window_shards is not None:
+            check_worker_count(data.window_shards, len(task.cluster["worker"]))
+            log.info("training input: %d window files in %s, each worker reads its own",
+                     len(data.window_shards.files), run_dir / INPUT_DIR)
+        else:
+            check_graph_windows(data.windows)
         strategy = make_strategy(config, task, precision, data.seqs.num_items + 1)
     else:  # MultiWorkerMirroredStrategy wants to exist before TensorFlow runs anything
         strategy = make_strategy(config, task, precision)
@@ -147,7 +155,7 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
     validation = ValidationCallback(UserScorer(model, valid, use_events), config,
                                     seqs.num_items, checkpoint, data.positions, valid_rows)
     log.info("training %s tower on %s sequences, %s positions/epoch, %s items (%s softmax, "
-             "ranking: %s, %s) on %s", config.user_tower, f"{len(data.windows['history']):,}",
+             "ranking: %s, %s) on %s", config.user_tower, f"{data.window_count:,}",
              f"{data.positions:,}", f"{seqs.num_items:,}", spec.retrieval_mode,
              spec.ranking_mode, optimizer, device_name())
     guard = LossGuard() if local else None
@@ -167,7 +175,8 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
     callbacks = ([validation, guard, epoch_state] if local else [validation, epoch_state])
     if not finished:
         try:
-            fit(model, data.windows, config, run_dir, callbacks, use_events, first_epoch)
+            fit(model, data.window_shards or data.windows, config, run_dir, callbacks,
+                use_events, first_epoch, workers=len(task.cluster.get("worker", [])) or 1)
         except tf.errors.UnavailableError as err:  # a ps (or every worker) went away
             saved = epoch_state.state or resumable(resume_from or run_dir)
             again = (f"restart every worker with --resume {run_dir}"
