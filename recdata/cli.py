@@ -26,7 +26,7 @@ from recdata.schema import DataError, RawData
 
 log = logging.getLogger("recdata")
 
-ENGINES = ("duckdb", "pandas")
+ENGINES = ("duckdb", "pandas", "spark")
 SOURCES = ("amazon", "movielens", "online-retail", "events", "sample", "synthetic")
 # Flags each source takes (dest names); the first group is required.
 _INPUTS = {
@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ENGINES,
         default="duckdb",
         help="duckdb: out of core, memory bounded by --memory-limit (default); pandas: in "
-        "memory, the reference implementation (same outputs)",
+        "memory, the reference implementation (same outputs); spark: the same steps on Spark "
+        "(pyspark + Java 17; events always written as shards)",
     )
     o.add_argument(
         "--shards",
@@ -168,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the events as N files events/part-NNNNN.parquet, users split into N "
         "ranges (a user's events in one file; listed with rows and sha256 in the manifest); "
         "workers of a cluster each read their own (default 1: events.parquet)",
+    )
+    o.add_argument(
+        "--spark-master",
+        metavar="URL",
+        help="spark: the master (default: spark-submit's, else local[*])",
     )
     o.add_argument(
         "--memory-limit",
@@ -267,6 +273,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 p.error(f"--{name.replace('_', '-')} needs --items")
     if args.memory_limit is not None and args.engine != "duckdb":
         p.error("--memory-limit applies to --engine duckdb")
+    if args.spark_master is not None and args.engine != "spark":
+        p.error("--spark-master applies to --engine spark")
     if args.source == "synthetic":
         sizes = _synthetic_sizes(args)
         if sizes["num_events"] < sizes["num_users"] or sizes["num_items"] < 2:
@@ -355,7 +363,6 @@ def _prepare_duckdb(args: argparse.Namespace, options: ProcessOptions, start: fl
     other source by its reader; the settings recorded are the pandas engine's (the outputs
     do not depend on the engine), so the manifests match too."""
     from recdata import duck
-    from recdata.readers import read_item_table
 
     limit = args.memory_limit or duck.default_memory_limit()
     direct = args.source == "events" and not args.live_db and duck.reads_directly(args.input)
@@ -367,20 +374,9 @@ def _prepare_duckdb(args: argparse.Namespace, options: ProcessOptions, start: fl
         if direct:
             columns = _event_columns(args)
             loaded = engine.load_files(args.input, columns, args.skip_bad_lines)
-            items, skipped = (
-                read_item_table(args.items, columns, args.skip_bad_lines)
-                if args.items
-                else (readers.items_frame([], []), 0)
+            raw, reader_options = _direct_raw(
+                args, columns, loaded.rows_read, loaded.bad_lines, loaded.files
             )
-            raw = RawData(
-                events=pd.DataFrame(),
-                items=items,
-                dropped={"bad_lines_skipped": loaded.bad_lines},
-                inputs=tuple(p for p in (*loaded.files, args.items) if p is not None),
-                rows_read=loaded.rows_read,
-                item_rows_skipped=skipped,
-            )
-            reader_options = {"columns": dataclasses.asdict(columns)}
         else:
             raw, reader_options = _read_with_live(args)
             engine.load_frame(raw.events)
@@ -392,6 +388,50 @@ def _prepare_duckdb(args: argparse.Namespace, options: ProcessOptions, start: fl
         write_processed(args.out, items, engine.events_reader, manifest, args.shards)
         log.info("wrote %s in %.1fs", args.out, time.perf_counter() - start)
     return counts
+
+
+def _prepare_spark(args: argparse.Namespace, options: ProcessOptions, start: float) -> dict:
+    """The same steps on Spark (recdata/spark.py); events written as --shards shards."""
+    from recdata import duck, spark
+
+    spark.check_available()
+    direct = args.source == "events" and not args.live_db and duck.reads_directly(args.input)
+    engine = spark.SparkEngine(spark.session(args.spark_master, args.verbose))
+    if direct:
+        columns = _event_columns(args)
+        rows_read, bad, files = engine.load_files(args.input, columns, args.skip_bad_lines)
+        raw, reader_options = _direct_raw(args, columns, rows_read, bad, files)
+    else:
+        raw, reader_options = _read_with_live(args)
+        engine.load_frame(raw.events)
+    log.info("read %d rows in %.1fs", raw.rows_read, time.perf_counter() - start)
+    items, counts = engine.process(raw, options)
+    settings = _settings(args, options, reader_options) | raw.detected
+    engine.write(
+        args.out, items, make_manifest(args.source, raw.inputs, settings, counts), args.shards
+    )
+    log.info("wrote %s in %.1fs", args.out, time.perf_counter() - start)
+    return counts
+
+
+def _direct_raw(args, columns, rows_read: int, bad: int, files) -> tuple[RawData, dict]:
+    """RawData (without events: the engine holds them) for an events file the engine read."""
+    from recdata.readers import read_item_table
+
+    items, skipped = (
+        read_item_table(args.items, columns, args.skip_bad_lines)
+        if args.items
+        else (readers.items_frame([], []), 0)
+    )
+    raw = RawData(
+        events=pd.DataFrame(),
+        items=items,
+        dropped={"bad_lines_skipped": bad},
+        inputs=tuple(p for p in (*files, args.items) if p is not None),
+        rows_read=rows_read,
+        item_rows_skipped=skipped,
+    )
+    return raw, {"columns": dataclasses.asdict(columns)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if args.engine == "duckdb":
             counts = _prepare_duckdb(args, options, start)
+        elif args.engine == "spark":
+            counts = _prepare_spark(args, options, start)
         else:
             counts = _prepare_pandas(args, options, start)
     except DataError as e:

@@ -1,0 +1,109 @@
+"""--engine spark (local[2]) against the DuckDB engine: the same rows, ids, splits, items and
+manifest counts on every source's fixture and on Parquet shards; events always as shards listed
+in the manifest; bad rows and a missing Java are refused with one line, exit 2."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_recdata_engines import EVENT_FLAGS, FIXTURES, ITEM_FLAGS, LOG_FLAGS, synthetic_log
+
+from recdata import load_processed
+from recdata.cli import main
+
+pytest.importorskip("pyspark", reason="the spark extra (requirements-spark.txt) is not installed")
+if not shutil.which("java") and not os.environ.get("JAVA_HOME"):
+    pytest.skip("no Java for Spark", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+SPARK = "--engine spark --spark-master local[2]"
+SYNTHETIC = "--source synthetic --num-users 300 --num-items 200 --num-events 6000 --seed 5"
+
+
+def argv(*parts) -> list[str]:
+    out: list[str] = []
+    for part in parts:
+        out.extend([str(part)] if isinstance(part, Path) else str(part).split())
+    return out
+
+
+def assert_same_as_duckdb(tmp_path: Path, *parts, shards: int = 2) -> Path:
+    spark_out, duck_out = tmp_path / "spark", tmp_path / "duckdb"
+    assert main(argv(*parts, SPARK, "--shards", shards, "--out", spark_out)) == 0
+    assert main(argv(*parts, "--engine duckdb --out", duck_out)) == 0
+    items_s, events_s, manifest_s = load_processed(spark_out)
+    items_d, events_d, manifest_d = load_processed(duck_out)
+    pd.testing.assert_frame_equal(items_s, items_d)
+    pd.testing.assert_frame_equal(events_s, events_d)  # same rows, ids, splits and order
+    listed = manifest_s.pop("shards")
+    assert sum(s["rows"] for s in listed) == len(events_d) and 1 <= len(listed) <= shards
+    manifest_d["options"]["shards"] = shards
+    assert manifest_s == manifest_d
+    return spark_out
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("--source sample",),
+        ("--source online-retail --input", FIXTURES / "online_retail.csv"),
+        ("--source movielens --ratings", FIXTURES / "ml_ratings.dat",
+         "--movies", FIXTURES / "ml_movies.dat", "--min-seq-len 3"),
+        ("--source amazon --reviews", FIXTURES / "amazon2023_reviews.jsonl",
+         "--meta", FIXTURES / "amazon2023_meta.jsonl"),
+        ("--source events --input", FIXTURES / "events.csv", EVENT_FLAGS,
+         "--items", FIXTURES / "items.csv", ITEM_FLAGS),
+        (SYNTHETIC, "--kcore-users 6 --kcore-items 10 --min-seq-len 4"),
+        (SYNTHETIC, "--max-user-events 9 --drop-events 0.3 --seed 2"),
+        (SYNTHETIC, "--split temporal --cutoff 1620000000 --valid-cutoff 1615000000"),
+    ],
+    ids=["sample", "online-retail-csv", "movielens-dat", "amazon-2023", "events-csv",
+         "kcore", "sparser", "temporal"],
+)  # fmt: skip
+def test_spark_writes_what_duckdb_writes(tmp_path, parts):
+    assert_same_as_duckdb(tmp_path, *parts)
+
+
+def test_spark_reads_parquet_shards_itself(tmp_path):
+    log, items = synthetic_log(tmp_path, shards=3)
+    out = assert_same_as_duckdb(
+        tmp_path, "--source events --input", log, "--items", items, LOG_FLAGS, shards=3
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["file"] for s in manifest["shards"]] == [
+        f"events/part-{k:05d}.parquet" for k in range(len(manifest["shards"]))
+    ]
+    users = [set(pd.read_parquet(out / s["file"])["user_id"]) for s in manifest["shards"]]
+    assert sum(map(len, users)) == len(set().union(*users))  # a user in one shard only
+
+
+def test_spark_names_a_bad_csv_row_by_line(tmp_path, capsys):
+    text = "user,item,ts\n" + "".join(f"u{k},i{k},{k}\n" for k in range(5)) + "u9,i1,soon\n"
+    (tmp_path / "log.csv").write_text(text)
+    code = main(argv("--source events --input", tmp_path / "log.csv",
+                     "--user-col user --item-col item --time-col ts", SPARK,
+                     "--out", tmp_path / "out"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "log.csv line 7: ts 'soon' is not a time" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_spark_without_java_is_refused_by_name(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
+    env["PATH"] = str(Path(sys.executable).parent)  # python, no java
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "prepare_data.py"), "--source", "sample", "--engine",
+         "spark", "--out", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "prepare_data.py: error: --engine spark needs Java 17 or newer (no java on PATH or in "
+        "JAVA_HOME)"
+    )
+    assert not (tmp_path / "out").exists()
