@@ -6,6 +6,7 @@ import gzip
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -279,3 +280,11 @@ def test_damaged_shards_are_refused_by_name(tmp_path, damage, message):
         pq.write_table(pq.read_table(shard).slice(0, 5), shard)
     with pytest.raises(DataError, match=re.escape(message)):
         load_processed(out)
+
+
+def test_spark_engine_without_pyspark_is_refused_by_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyspark", None)  # import pyspark -> ImportError
+    code, out = prepare(tmp_path, "spark", "--source sample")
+    err = capsys.readouterr().err
+    assert code == 2 and "--engine spark needs pyspark" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
