@@ -115,10 +115,7 @@ def write_processed(
     each shard in the manifest with its rows and sha256.
     """
     out = Path(out)
-    if out.exists() and not _replaceable(out):
-        raise DataError(
-            f"{out}: exists and is not a prepare_data.py output directory; refusing to replace it"
-        )
+    check_replaceable(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -143,7 +140,7 @@ def write_processed(
                 listed.append({"file": shard_name(k), "rows": rows, "sha256": file_sha256(path)})
             manifest = manifest | {"shards": listed}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"{out}: cannot write ({e.strerror or e})") from None
@@ -163,11 +160,19 @@ def _write_tables(path: Path, tables: Iterable[pa.Table]) -> int:
     return rows
 
 
-def _replaceable(out: Path) -> bool:
-    return out.is_dir() and ((out / MANIFEST_FILE).is_file() or not any(out.iterdir()))
+def check_replaceable(out: Path) -> None:
+    """Refuse an existing `out` unless it is a previous output (it has a manifest.json) or an
+    empty directory."""
+    if out.exists() and not (
+        out.is_dir() and ((out / MANIFEST_FILE).is_file() or not any(out.iterdir()))
+    ):
+        raise DataError(
+            f"{out}: exists and is not a prepare_data.py output directory; refusing to replace it"
+        )
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`, replacing a previous output."""
     if not out.exists():
         os.rename(tmp, out)
         return

@@ -254,17 +254,46 @@ def items_with_metadata(
     )
 
 
-def sequence_length_stats(events: pd.DataFrame) -> dict[str, float]:
-    """Percentiles of events per user (p50/p90/p99, linear interpolation) and the max."""
-    lengths = np.bincount(events["user_id"].cat.codes.to_numpy())
-    return length_stats(lengths[lengths > 0])
-
-
 def length_stats(lengths: np.ndarray) -> dict[str, float]:
-    """sequence_length_stats from the per-user event counts."""
+    """Percentiles of events per user (p50/p90/p99, linear interpolation) and the max, from
+    each user's event count."""
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
     rounded = [round(float(p), 3) for p in (p50, p90, p99)]
     return dict(zip(("p50", "p90", "p99"), rounded, strict=True)) | {"max": int(lengths.max())}
+
+
+def nothing_left(raw: RawData, dropped: dict[str, int]) -> DataError:
+    """The error when filtering left no event: what was read and what each step dropped."""
+    sources = ", ".join(str(p) for p in raw.inputs) or "generated data"
+    reasons = ", ".join(f"{k} {v}" for k, v in dropped.items() if v)
+    return DataError(
+        f"{sources}: no events left after filtering ({raw.rows_read} rows read; "
+        f"dropped: {reasons or 'none'})"
+    )
+
+
+def processed_counts(
+    raw: RawData,
+    dropped: dict[str, int],
+    num_events: int,
+    items: pd.DataFrame,
+    lengths: np.ndarray,
+    per_split,
+) -> dict:
+    """The manifest's counts: `lengths` each kept user's events, `per_split` events per SPLITS
+    entry."""
+    with_metadata = int(items["item_id"].isin(raw.items["item_id"]).sum())
+    return {
+        "rows_read": int(raw.rows_read),
+        "num_users": int(len(lengths)),
+        "num_items": int(len(items)),
+        "num_events": int(num_events),
+        "events_per_split": {name: int(per_split[i]) for i, name in enumerate(SPLITS)},
+        "dropped": {k: int(v) for k, v in dropped.items()},
+        "items_without_metadata": int(len(items) - with_metadata),
+        "item_rows_skipped": int(raw.item_rows_skipped),
+        "sequence_length": length_stats(np.asarray(lengths)),
+    }
 
 
 def build_processed(raw: RawData, options: ProcessOptions) -> Processed:
@@ -288,29 +317,13 @@ def build_processed(raw: RawData, options: ProcessOptions) -> Processed:
             events, options.cutoff, options.valid_cutoff
         )
     if len(events) == 0:
-        sources = ", ".join(str(p) for p in raw.inputs) or "generated data"
-        reasons = ", ".join(f"{k} {v}" for k, v in dropped.items() if v)
-        raise DataError(
-            f"{sources}: no events left after filtering ({raw.rows_read} rows read; "
-            f"dropped: {reasons or 'none'})"
-        )
+        raise nothing_left(raw, dropped)
     events = events.assign(
         user_id=events["user_id"].cat.remove_unused_categories(),
         event_type=events["event_type"].cat.remove_unused_categories(),
     )
     items, events = index_items(events, raw.items)
-    split_codes = events["split"].cat.codes.to_numpy()
-    per_split = np.bincount(split_codes, minlength=len(SPLITS))
-    with_metadata = int(items["item_id"].isin(raw.items["item_id"]).sum())
-    counts = {
-        "rows_read": int(raw.rows_read),
-        "num_users": int(len(events["user_id"].cat.categories)),
-        "num_items": int(len(items)),
-        "num_events": int(len(events)),
-        "events_per_split": {name: int(per_split[i]) for i, name in enumerate(SPLITS)},
-        "dropped": {k: int(v) for k, v in dropped.items()},
-        "items_without_metadata": int(len(items) - with_metadata),
-        "item_rows_skipped": int(raw.item_rows_skipped),
-        "sequence_length": sequence_length_stats(events),
-    }
+    lengths = np.bincount(events["user_id"].cat.codes.to_numpy())
+    per_split = np.bincount(events["split"].cat.codes.to_numpy(), minlength=len(SPLITS))
+    counts = processed_counts(raw, dropped, len(events), items, lengths[lengths > 0], per_split)
     return Processed(items=items, events=events, counts=counts)

@@ -101,10 +101,9 @@ def _wait(process: subprocess.Popen, log: Path, timeout: float) -> str:
     return output
 
 
-def test_parameter_server_cluster_shards_item_table_trains_and_exports(tmp_path):
-    # 200 windows = 13 steps an epoch: asynchronous steps on independently shuffled workers
-    # make a 4-step epoch's mean loss too noisy to compare
-    data = write_processed(tmp_path / "data", num_users=200)
+def _parameter_server_run(tmp_path: Path, data: Path) -> str:
+    """Train TINY on `data` with a chief, 2 workers and 2 ps on 127.0.0.1 (logs in tmp_path:
+    chief.log, worker0.log, ...); the chief's output. Every process is stopped after."""
     ports = _free_ports(5)
     cluster = {"chief": [f"127.0.0.1:{ports[0]}"],
                "worker": [f"127.0.0.1:{p}" for p in ports[1:3]],
@@ -112,7 +111,6 @@ def test_parameter_server_cluster_shards_item_table_trains_and_exports(tmp_path)
     args = ["--data", str(data), "--out", str(tmp_path / "models" / "tiny"),
             "--distribute", "parameter_server", *TINY]
     processes, logs = [], []
-    started = time.time()
     try:
         for job, count in (("ps", 2), ("worker", 2)):
             for index in range(count):
@@ -129,6 +127,15 @@ def test_parameter_server_cluster_shards_item_table_trains_and_exports(tmp_path)
             assert process.poll() is None, log.read_text()[-3000:]
     finally:
         _stop(processes)
+    return output
+
+
+def test_parameter_server_cluster_shards_item_table_trains_and_exports(tmp_path):
+    # 200 windows = 13 steps an epoch: asynchronous steps on independently shuffled workers
+    # make a 4-step epoch's mean loss too noisy to compare
+    data = write_processed(tmp_path / "data", num_users=200)
+    started = time.time()
+    output = _parameter_server_run(tmp_path, data)
     wall = time.time() - started
     run_dir = next((tmp_path / "runs").glob("tiny-*"))
     metadata = json.loads((run_dir / "metadata.json").read_text())
@@ -396,27 +403,7 @@ def test_parameter_server_workers_read_their_own_shards(tmp_path, monkeypatch):
     # the sharded one never puts windows in a graph.
     monkeypatch.setenv("TOWERREC_GRAPH_CONSTANT_LIMIT", SMALL_GRAPH)
     data = write_processed(tmp_path / "data", num_users=400, shards=4)
-    ports = _free_ports(5)
-    cluster = {"chief": [f"127.0.0.1:{ports[0]}"],
-               "worker": [f"127.0.0.1:{p}" for p in ports[1:3]],
-               "ps": [f"127.0.0.1:{p}" for p in ports[3:5]]}
-    args = ["--data", str(data), "--out", str(tmp_path / "models" / "tiny"),
-            "--distribute", "parameter_server", *TINY]
-    processes, logs = [], []
-    try:
-        for job, count in (("ps", 2), ("worker", 2)):
-            for index in range(count):
-                logs.append(tmp_path / f"{job}{index}.log")
-                processes.append(_start(args, {"cluster": cluster, "task": {
-                    "type": job, "index": index}}, tmp_path, logs[-1]))
-        _wait_listening(ports[1:], processes, logs)
-        logs.append(tmp_path / "chief.log")
-        processes.append(_start(args, {"cluster": cluster, "task": {"type": "chief",
-                                                                      "index": 0}},
-                                tmp_path, logs[-1]))
-        output = _wait(processes[-1], logs[-1], CLUSTER_TIMEOUT)
-    finally:
-        _stop(processes)
+    output = _parameter_server_run(tmp_path, data)
     assert "training input: 4 window files" in output
     # Each worker built its dataset from its own files only: 0 and 2, or 1 and 3.
     for index, own in ((0, ("part-00000", "part-00002")), (1, ("part-00001", "part-00003"))):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_recdata_engines import EVENT_FLAGS, FIXTURES, ITEM_FLAGS, LOG_FLAGS, synthetic_log
+from test_recdata_engines import CASES, LOG_FLAGS, argv, synthetic_log
 
 from recdata import load_processed
 from recdata.cli import main
@@ -22,14 +22,6 @@ if not shutil.which("java") and not os.environ.get("JAVA_HOME"):
 
 ROOT = Path(__file__).resolve().parents[1]
 SPARK = "--engine spark --spark-master local[2]"
-SYNTHETIC = "--source synthetic --num-users 300 --num-items 200 --num-events 6000 --seed 5"
-
-
-def argv(*parts) -> list[str]:
-    out: list[str] = []
-    for part in parts:
-        out.extend([str(part)] if isinstance(part, Path) else str(part).split())
-    return out
 
 
 def assert_same_as_duckdb(tmp_path: Path, *parts, shards: int = 2) -> Path:
@@ -47,26 +39,13 @@ def assert_same_as_duckdb(tmp_path: Path, *parts, shards: int = 2) -> Path:
     return spark_out
 
 
-@pytest.mark.parametrize(
-    "parts",
-    [
-        ("--source sample",),
-        ("--source online-retail --input", FIXTURES / "online_retail.csv"),
-        ("--source movielens --ratings", FIXTURES / "ml_ratings.dat",
-         "--movies", FIXTURES / "ml_movies.dat", "--min-seq-len 3"),
-        ("--source amazon --reviews", FIXTURES / "amazon2023_reviews.jsonl",
-         "--meta", FIXTURES / "amazon2023_meta.jsonl"),
-        ("--source events --input", FIXTURES / "events.csv", EVENT_FLAGS,
-         "--items", FIXTURES / "items.csv", ITEM_FLAGS),
-        (SYNTHETIC, "--kcore-users 6 --kcore-items 10 --min-seq-len 4"),
-        (SYNTHETIC, "--max-user-events 9 --drop-events 0.3 --seed 2"),
-        (SYNTHETIC, "--split temporal --cutoff 1620000000 --valid-cutoff 1615000000"),
-    ],
-    ids=["sample", "online-retail-csv", "movielens-dat", "amazon-2023", "events-csv",
-         "kcore", "sparser", "temporal"],
-)  # fmt: skip
-def test_spark_writes_what_duckdb_writes(tmp_path, parts):
-    assert_same_as_duckdb(tmp_path, *parts)
+SPARK_CASES = ("sample", "online-retail-csv", "movielens-dat", "amazon-2023", "events-csv",
+               "kcore", "sparser", "temporal-valid")  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SPARK_CASES)
+def test_spark_writes_what_duckdb_writes(tmp_path, case):
+    assert_same_as_duckdb(tmp_path, *CASES[case])
 
 
 def test_spark_reads_parquet_shards_itself(tmp_path):
