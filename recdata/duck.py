@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from recdata.io import shard_bounds
+from recdata.io import scratch_dir, shard_bounds
 from recdata.schema import EVENTS_SCHEMA, DataError
 from recdata.sqlsteps import RAW_IDS, SqlSteps, csv_header, events_frame
 from recdata.tables import input_files
@@ -68,7 +67,7 @@ class Engine(SqlSteps):
         self._duckdb = duckdb
         self.user_codes = np.zeros(0, np.int64)
         scratch_parent.mkdir(parents=True, exist_ok=True)
-        self.scratch = Path(tempfile.mkdtemp(prefix=".prepare-duckdb-", dir=scratch_parent))
+        self.scratch = scratch_dir(scratch_parent, "prepare-duckdb")
         try:
             self.con = duckdb.connect(str(self.scratch / "work.duckdb"))
             self.con.execute(f"SET memory_limit = '{int(memory_limit) // 2**20}MiB'")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,6 +27,29 @@ ITEMS_FILE = "items.parquet"
 EVENTS_FILE = "events.parquet"
 EVENTS_DIR = "events"  # sharded output: events/part-NNNNN.parquet
 MANIFEST_FILE = "manifest.json"
+
+
+def scratch_dir(parent: Path, prefix: str) -> Path:
+    """A new directory `parent/.PREFIX-HOST-PID-XXXX`, after removing those of the same prefix
+    that a process on this host left when it was killed (its PID no longer runs): a killed
+    prepare_data.py leaves no temp output or DuckDB spill behind for long. Other hosts' (a
+    shared mount) and live processes' are left alone."""
+    host = socket.gethostname().replace("-", "_")
+    for old in parent.glob(f".{prefix}-{host}-*-*"):
+        pid = old.name[len(f".{prefix}-{host}-"):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{prefix}-{host}-{os.getpid()}-", dir=parent))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def file_sha256(path: Path) -> str:
@@ -118,7 +142,7 @@ def write_processed(
     check_replaceable(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = scratch_dir(out.parent, f"{out.name}.tmp")
     except OSError as e:
         raise DataError(f"{out}: cannot create output directory ({e.strerror})") from None
     try:

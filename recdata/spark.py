@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from recdata.io import (
     check_replaceable,
     file_sha256,
     items_table,
+    scratch_dir,
     shard_name,
     swap_into_place,
 )
@@ -199,7 +199,7 @@ class SparkEngine(SqlSteps):
         out = Path(out)
         check_replaceable(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = scratch_dir(out.parent, f"{out.name}.tmp")
         try:
             written = tmp / "spark-events"
             (

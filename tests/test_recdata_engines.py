@@ -4,8 +4,11 @@ refused the same way; the memory limit is a setting."""
 
 import gzip
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -284,3 +287,20 @@ def test_spark_engine_without_pyspark_is_refused_by_name(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert code == 2 and "--engine spark needs pyspark" in err, err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_what_a_killed_run_left_is_removed_by_the_next(tmp_path):
+    host = socket.gethostname().replace("-", "_")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a PID that no longer runs: a killed prepare_data.py's
+    left = [tmp_path / f".prepare-duckdb-{host}-{gone.pid}-x1",
+            tmp_path / f".out-duckdb.tmp-{host}-{gone.pid}-x2"]  # fmt: skip
+    kept = [tmp_path / f".prepare-duckdb-{host}-{os.getpid()}-x3",  # a live process's
+            tmp_path / f".prepare-duckdb-otherhost-{gone.pid}-x4"]  # another host's
+    for directory in left + kept:
+        directory.mkdir()
+        (directory / "spill.bin").write_bytes(b"x" * 1000)
+    code, out = prepare(tmp_path, "duckdb", SYNTHETIC)
+    assert code == 0 and (out / "manifest.json").is_file()
+    assert [d.exists() for d in left] == [False, False]
+    assert [d.exists() for d in kept] == [True, True]
