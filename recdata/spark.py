@@ -133,10 +133,12 @@ class SparkEngine(SqlSteps):
         rank = np.random.default_rng(seed).permutation(n)
         drop = np.flatnonzero(rank < round(fraction * n)).astype(np.int64)
         del rank
-        ordered = self.spark.sql("SELECT * FROM ev ORDER BY u, ts, rn").rdd.zipWithIndex()
-        ordered.map(lambda r: (*r[0], r[1])).toDF(
-            ["rn", "u", "i", "ts", "e", "value", "pos"]
-        ).createOrReplaceTempView("ev_pos")
+        from pyspark.sql import types as T
+
+        ev = self.spark.sql("SELECT * FROM ev ORDER BY u, ts, rn")
+        schema = T.StructType([*ev.schema.fields, T.StructField("pos", T.LongType())])
+        ordered = ev.rdd.zipWithIndex().map(lambda r: (*r[0], r[1]))
+        self.spark.createDataFrame(ordered, schema).createOrReplaceTempView("ev_pos")
         self.spark.createDataFrame(pd.DataFrame({"pos": drop})).createOrReplaceTempView("drop_pos")
         return self._replace(
             "SELECT CAST(rn AS BIGINT) AS rn, CAST(u AS INT) AS u, CAST(i AS INT) AS i, "
@@ -155,6 +157,7 @@ class SparkEngine(SqlSteps):
         """An events file or directory of Parquet shards, with the DuckDB engine's checks;
         (rows read, rows skipped as bad, files)."""
         from pyspark.sql import functions as F
+        from pyspark.sql import types as T
 
         files = input_files(path)
         delimiter = None
@@ -169,7 +172,8 @@ class SparkEngine(SqlSteps):
                 .csv(str(files[0]))
             )
             indexed = raw.rdd.zipWithIndex().map(lambda r: (r[1], *r[0]))
-            scan = indexed.toDF(["rn", *raw.columns]).withColumn("row", F.lit(None))
+            schema = T.StructType([T.StructField("rn", T.LongType()), *raw.schema.fields])
+            scan = self.spark.createDataFrame(indexed, schema).withColumn("row", F.lit(None))
         else:
             offsets = np.cumsum([0, *(pq.ParquetFile(f).metadata.num_rows for f in files)])
             parts = []

@@ -120,7 +120,8 @@ class SqlSteps:
         number = self._number_sql(name, kind)
         iso = self._iso(self._trim(self._col(name)))
         bad_number, bad_iso = self._rows(
-            f"SELECT count_if(({number}) IS NULL), count_if(({iso}) IS NULL) FROM scan"
+            f"SELECT coalesce(count_if(({number}) IS NULL), 0), "
+            f"coalesce(count_if(({iso}) IS NULL), 0) FROM scan"
         )[0]
         if bad_number == 0 or bad_iso > bad_number:
             return self._scaled(number)

@@ -304,3 +304,12 @@ def test_what_a_killed_run_left_is_removed_by_the_next(tmp_path):
     assert code == 0 and (out / "manifest.json").is_file()
     assert [d.exists() for d in left] == [False, False]
     assert [d.exists() for d in kept] == [True, True]
+
+
+def test_a_log_with_a_header_only_is_refused_alike(tmp_path, capsys):
+    path = events_csv(tmp_path, "user_id,item_id,timestamp\n")
+    for engine in ("pandas", "duckdb"):
+        code, out = prepare(tmp_path, engine, "--source events --input", path)
+        err = capsys.readouterr().err
+        assert code == 2 and "log.csv: no events left after filtering (0 rows read" in err, err
+        assert not out.exists()

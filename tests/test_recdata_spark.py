@@ -86,3 +86,11 @@ def test_spark_without_java_is_refused_by_name(tmp_path):
         "JAVA_HOME)"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_spark_refuses_a_log_with_a_header_only(tmp_path, capsys):
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n")
+    code = main(argv("--source events --input", tmp_path / "log.csv", SPARK,
+                     "--out", tmp_path / "out"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "log.csv: no events left after filtering (0 rows read" in err, err
