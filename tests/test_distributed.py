@@ -405,6 +405,7 @@ def test_parameter_server_workers_read_their_own_shards(tmp_path, monkeypatch):
     data = write_processed(tmp_path / "data", num_users=400, shards=4)
     output = _parameter_server_run(tmp_path, data)
     assert "training input: 4 window files" in output
+    assert not (next((tmp_path / "runs").glob("tiny-*")) / "input").exists()  # removed after
     # Each worker built its dataset from its own files only: 0 and 2, or 1 and 3.
     for index, own in ((0, ("part-00000", "part-00002")), (1, ("part-00001", "part-00003"))):
         reads = [line for line in (tmp_path / f"worker{index}.log").read_text().splitlines()

@@ -100,7 +100,8 @@ GRAPH_CONSTANT_LIMIT = int(os.environ.get("TOWERREC_GRAPH_CONSTANT_LIMIT", 2**31
 
 
 def check_graph_windows(arrays: dict[str, np.ndarray]) -> None:
-    """Refuse windows that cannot travel inside the dataset function's graph."""
+    """Refuse windows that cannot travel inside parameter_server_dataset's graph (the
+    parameter-server chief calls it before connecting to the cluster)."""
     size = sum(values.nbytes for values in arrays.values())
     if size > GRAPH_CONSTANT_LIMIT:
         raise ValueError(
@@ -123,7 +124,6 @@ def parameter_server_dataset(arrays: dict[str, np.ndarray], batch_size: int,
     names = ["history", "targets", "target_values", "target_purchase"]
     if use_events:
         names.append("event_types")
-    check_graph_windows(arrays)
     windows = {name: arrays[name] for name in names}
 
     def cut(batch):

@@ -186,6 +186,8 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
                     else "no epoch completed; start the run again")
             raise TrainingStopped(f"a cluster task stopped answering during training "
                                   f"({unavailable_task(err)}); {kept}") from None
+    if data.window_shards is not None:  # done with them (a resumed run writes them again)
+        shutil.rmtree(run_dir / INPUT_DIR, ignore_errors=True)
     if epoch_state.diverged:
         kept = (f"the best checkpoint so far (epoch {validation.best_epoch + 1}) is kept in "
                 f"{checkpoint}" if validation.best_epoch >= 0 else "no epoch was validated")
