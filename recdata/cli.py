@@ -73,6 +73,11 @@ def _time_arg(text: str) -> int:
     return int(stamp.timestamp())
 
 
+def _location(text: str) -> Path | str:
+    """A local path, or a URI kept as text (scheme://..., for --engine spark)."""
+    return text if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) else Path(text)
+
+
 def _size(text: str) -> int:
     """Bytes from '4GB', '512MB', '2GiB' or a plain number of bytes."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -118,7 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest.json (leave-one-out or temporal split, contiguous item_idx 1..N).",
     )
     p.add_argument("--source", required=True, choices=SOURCES)
-    p.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=_location,
+        help="output directory (replaced atomically; --engine spark: also a URI such as "
+        "hdfs://...)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
 
     g = p.add_argument_group("inputs (which ones depend on --source)")
@@ -126,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--meta", type=Path, help="amazon: metadata JSON lines (optional)")
     g.add_argument("--ratings", type=Path, help="movielens: ratings.dat[.gz] or ratings.csv")
     g.add_argument("--movies", type=Path, help="movielens: movies.dat or movies.csv (optional)")
-    g.add_argument("--input", type=Path, help="online-retail / events: the data file")
+    g.add_argument(
+        "--input",
+        type=_location,
+        help="online-retail / events: the data file (events: or a directory of Parquet shards; "
+        "--engine spark: also a URI such as hdfs://...)",
+    )
     g.add_argument("--items", type=Path, help="events: item table, CSV or Parquet (optional)")
     g.add_argument(
         "--live-db",
@@ -275,6 +291,11 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--memory-limit applies to --engine duckdb")
     if args.spark_master is not None and args.engine != "spark":
         p.error("--spark-master applies to --engine spark")
+    for flag, value in (("--input", args.input), ("--out", args.out)):
+        if isinstance(value, str) and args.engine != "spark":
+            p.error(f"{flag} {value}: URIs need --engine spark (the others use local paths)")
+        if isinstance(value, str) and flag == "--input" and args.source != "events":
+            p.error(f"--input {value}: URIs are read for --source events only")
     if args.source == "synthetic":
         sizes = _synthetic_sizes(args)
         if sizes["num_events"] < sizes["num_users"] or sizes["num_items"] < 2:
@@ -395,7 +416,10 @@ def _prepare_spark(args: argparse.Namespace, options: ProcessOptions, start: flo
     from recdata import duck, spark
 
     spark.check_available()
-    direct = args.source == "events" and not args.live_db and duck.reads_directly(args.input)
+    uri = isinstance(args.input, str)
+    direct = (
+        args.source == "events" and not args.live_db and (uri or duck.reads_directly(args.input))
+    )
     engine = spark.SparkEngine(spark.session(args.spark_master, args.verbose))
     if direct:
         columns = _event_columns(args)
@@ -407,9 +431,8 @@ def _prepare_spark(args: argparse.Namespace, options: ProcessOptions, start: flo
     log.info("read %d rows in %.1fs", raw.rows_read, time.perf_counter() - start)
     items, counts = engine.process(raw, options)
     settings = _settings(args, options, reader_options) | raw.detected
-    engine.write(
-        args.out, items, make_manifest(args.source, raw.inputs, settings, counts), args.shards
-    )
+    manifest = make_manifest(args.source, raw.inputs, settings, counts, engine.describe_input)
+    engine.write(args.out, items, manifest, args.shards)
     log.info("wrote %s in %.1fs", args.out, time.perf_counter() - start)
     return counts
 

@@ -36,7 +36,7 @@ def scratch_dir(parent: Path, prefix: str) -> Path:
     shared mount) and live processes' are left alone."""
     host = socket.gethostname().replace("-", "_")
     for old in parent.glob(f".{prefix}-{host}-*-*"):
-        pid = old.name[len(f".{prefix}-{host}-"):].split("-", 1)[0]
+        pid = old.name[len(f".{prefix}-{host}-") :].split("-", 1)[0]
         if pid.isdigit() and not _running(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f".{prefix}-{host}-{os.getpid()}-", dir=parent))
@@ -60,18 +60,27 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def make_manifest(source: str, inputs: tuple[Path, ...], options: dict, counts: dict) -> dict:
+def describe_file(path: Path) -> dict:
+    """An input file as the manifest lists it."""
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def make_manifest(
+    source: str,
+    inputs: tuple[Path, ...],
+    options: dict,
+    counts: dict,
+    describe: Callable[[Path], dict] = describe_file,
+) -> dict:
     """The manifest: schema version, source, input files (name + sha256), every option, counts.
 
     Inputs are recorded by file name, not path, so the manifest does not depend on where the
-    data sits.
+    data sits (`describe` lists one; the Spark engine's also takes URIs).
     """
     return {
         "schema_version": SCHEMA_VERSION,
         "source": source,
-        "inputs": [
-            {"name": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in inputs
-        ],
+        "inputs": [describe(p) for p in inputs],
         "options": options,
         "counts": counts,
     }

@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
+import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +33,15 @@ from recdata.io import (
     ITEMS_FILE,
     MANIFEST_FILE,
     check_replaceable,
+    describe_file,
     file_sha256,
     items_table,
     scratch_dir,
+    shard_bounds,
     shard_name,
     swap_into_place,
 )
-from recdata.schema import DataError
+from recdata.schema import EVENTS_SCHEMA, DataError
 from recdata.sqlsteps import RAW_IDS, SqlSteps, events_frame
 from recdata.tables import input_files
 
@@ -80,6 +86,7 @@ def session(master: str | None, verbose: bool = False):
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", "8")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .getOrCreate()
     )
     if not verbose:
@@ -90,7 +97,14 @@ def session(master: str | None, verbose: bool = False):
 class SparkEngine(SqlSteps):
     def __init__(self, spark):
         self.spark = spark
+        self.hadoop = Hadoop(spark)
         self.user_codes = np.zeros(0, np.int64)
+
+    def describe_input(self, location: Path | str) -> dict:
+        """An input file for the manifest: name, bytes, sha256 (URIs: hashed by Spark)."""
+        if isinstance(location, Path):
+            return describe_file(location)
+        return self.hadoop.describe([location])[0]
 
     # --- the primitives SqlSteps runs on -----------------------------------------------
 
@@ -153,16 +167,19 @@ class SparkEngine(SqlSteps):
         self.spark.createDataFrame(frame).createOrReplaceTempView("source")
         self._encode("source", RAW_IDS, "timestamp", "value")
 
-    def load_files(self, path: Path, columns, skip_bad_lines: bool) -> tuple[int, int, tuple]:
-        """An events file or directory of Parquet shards, with the DuckDB engine's checks;
-        (rows read, rows skipped as bad, files)."""
+    def load_files(self, path: Path | str, columns, skip_bad_lines: bool) -> tuple[int, int, tuple]:
+        """An events file or directory of Parquet shards (a local path or a URI), with the
+        DuckDB engine's checks; (rows read, rows skipped as bad, files)."""
         from pyspark.sql import functions as F
         from pyspark.sql import types as T
 
-        files = input_files(path)
+        uri = isinstance(path, str)
+        files = self.hadoop.files(path) if uri else input_files(path)
+        name = path.rstrip("/").rsplit("/", 1)[-1].lower() if uri else path.name.lower()
+        directory = self.hadoop.is_dir(path) if uri else path.is_dir()
         delimiter = None
-        if not (path.is_dir() or path.name.lower().endswith((".parquet", ".pq"))):
-            delimiter = "\t" if ".tsv" in path.name.lower() else ","
+        if not (directory or name.endswith((".parquet", ".pq"))):
+            delimiter = "\t" if ".tsv" in name else ","
             raw = (
                 self.spark.read.option("header", True)
                 .option("sep", delimiter)
@@ -175,7 +192,12 @@ class SparkEngine(SqlSteps):
             schema = T.StructType([T.StructField("rn", T.LongType()), *raw.schema.fields])
             scan = self.spark.createDataFrame(indexed, schema).withColumn("row", F.lit(None))
         else:
-            offsets = np.cumsum([0, *(pq.ParquetFile(f).metadata.num_rows for f in files)])
+            rows = (
+                (self.hadoop.rows(f) for f in files)
+                if uri
+                else (pq.ParquetFile(f).metadata.num_rows for f in files)
+            )
+            offsets = np.cumsum([0, *rows])
             parts = []
             for f, base in zip(files, offsets[:-1], strict=True):
                 part = self.spark.read.parquet(str(f)).select("*", "_metadata.row_index")
@@ -197,27 +219,28 @@ class SparkEngine(SqlSteps):
 
     # --- output ------------------------------------------------------------------------
 
-    def write(self, out: Path, items: pd.DataFrame, manifest: dict, shards: int) -> None:
+    def write(self, out: Path | str, items: pd.DataFrame, manifest: dict, shards: int) -> None:
         """The data directory, atomically: Spark writes the events shards (users in ranges,
-        each sorted by user then time), renamed part-NNNNN.parquet and listed in the manifest."""
+        each sorted by user then time), renamed part-NNNNN.parquet and listed in the manifest
+        (a local path, or a URI through Spark's Hadoop file system)."""
+        if isinstance(out, str):
+            self._write_uri(out, items, manifest, shards)
+            return
         out = Path(out)
         check_replaceable(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = scratch_dir(out.parent, f"{out.name}.tmp")
         try:
             written = tmp / "spark-events"
-            (
-                self.spark.sql(self.output_query())
-                .repartitionByRange(shards, "u")
-                .sortWithinPartitions("u", "timestamp", "rn")
-                .drop("u", "rn")
-                .write.parquet(str(written), compression="zstd")
-            )
+            parts = self._write_events(str(written), shards)
             (tmp / EVENTS_DIR).mkdir()
             listed = []
-            for k, part in enumerate(sorted(written.glob("part-*.parquet"))):
+            for k, part in enumerate(parts):
                 target = tmp / shard_name(k)
-                part.rename(target)
+                if part is None:  # a shard without users
+                    pq.write_table(EVENTS_SCHEMA.empty_table(), target, compression="zstd")
+                else:
+                    Path(part).rename(target)
                 rows = pq.ParquetFile(target).metadata.num_rows
                 listed.append({"file": shard_name(k), "rows": rows, "sha256": file_sha256(target)})
             shutil.rmtree(written)
@@ -228,3 +251,183 @@ class SparkEngine(SqlSteps):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _write_events(self, target: str, shards: int) -> list[str | None]:
+        """The events under `target`, one file per shard (users split by shard_bounds, as the
+        other engines do), each sorted by user then time; each shard's file, None if empty."""
+        bounds = shard_bounds(len(self.user_codes), shards)
+        owner = pd.DataFrame(
+            {
+                "u": self.user_codes.astype(np.int32),
+                "shard": np.repeat(np.arange(shards), np.diff(bounds)).astype(np.int32),
+            }
+        )
+        self.spark.createDataFrame(owner).createOrReplaceTempView("user_shard")
+        (
+            self.spark.sql(
+                f"SELECT o.*, s.shard FROM ({self.output_query()}) o JOIN user_shard s USING (u)"
+            )
+            .repartition(shards, "shard")
+            .sortWithinPartitions("shard", "u", "timestamp", "rn")
+            .drop("u", "rn")
+            .write.partitionBy("shard")
+            .parquet(target, compression="zstd")
+        )
+        parts = []
+        for k in range(shards):
+            directory = f"{target}/shard={k}"
+            if isinstance(target, str) and is_uri(target):
+                found = self.hadoop.files(directory) if self.hadoop.exists(directory) else []
+            else:
+                found = sorted(str(f) for f in Path(directory).glob("part-*.parquet"))
+            if len(found) > 1:
+                raise RuntimeError(f"{directory}: {len(found)} files, expected one")
+            parts.append(found[0] if found else None)
+        return parts
+
+    def _write_uri(self, out: str, items: pd.DataFrame, manifest: dict, shards: int) -> None:
+        """write() on a cluster file system: the same layout, assembled beside `out` and
+        renamed into place there."""
+        fs = self.hadoop
+        out = out.rstrip("/")
+        fs.check_replaceable(out)
+        parent, name = out.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            parts = self._write_events(f"{tmp}/spark-events", shards)
+            fs.mkdirs(f"{tmp}/{EVENTS_DIR}")
+            targets = [f"{tmp}/{shard_name(k)}" for k in range(len(parts))]
+            with tempfile.TemporaryDirectory() as local:
+                empty = Path(local, "empty.parquet")
+                pq.write_table(EVENTS_SCHEMA.empty_table(), empty, compression="zstd")
+                for part, target in zip(parts, targets, strict=True):
+                    if part is None:  # a shard without users
+                        fs.put(empty, target)
+                    else:
+                        fs.rename(part, target)
+            fs.delete(f"{tmp}/spark-events")
+            described = fs.describe(targets)
+            listed = [
+                {"file": shard_name(k), "rows": fs.rows(target), "sha256": d["sha256"]}
+                for k, (target, d) in enumerate(zip(targets, described, strict=True))
+            ]
+            with tempfile.TemporaryDirectory() as local:
+                pq.write_table(items_table(items), Path(local, ITEMS_FILE), compression="zstd")
+                Path(local, MANIFEST_FILE).write_text(
+                    json.dumps(manifest | {"shards": listed}, indent=2) + "\n"
+                )
+                for file in (ITEMS_FILE, MANIFEST_FILE):
+                    fs.put(Path(local, file), f"{tmp}/{file}")
+            fs.swap_into_place(tmp, out)
+        except BaseException:
+            fs.delete(tmp)
+            raise
+
+
+def is_uri(text: str) -> bool:
+    """scheme://...: a location for Spark's Hadoop file system (hdfs://, s3a://, file://)."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) is not None
+
+
+class Hadoop:
+    """The few file operations the Spark engine needs on a URI, through Spark's Hadoop file
+    system (whatever the cluster's configuration handles)."""
+
+    def __init__(self, spark):
+        self.spark = spark
+
+    def _fs(self, uri: str):
+        jvm = self.spark.sparkContext._jvm
+        path = jvm.org.apache.hadoop.fs.Path(uri)
+        return path.getFileSystem(self.spark.sparkContext._jsc.hadoopConfiguration()), path
+
+    def exists(self, uri: str) -> bool:
+        fs, path = self._fs(uri)
+        return bool(fs.exists(path))
+
+    def is_dir(self, uri: str) -> bool:
+        fs, path = self._fs(uri)
+        return bool(fs.exists(path) and fs.getFileStatus(path).isDirectory())
+
+    def files(self, uri: str) -> list[str]:
+        """A file itself, or a directory's Parquet files in name order (same columns)."""
+        fs, path = self._fs(uri)
+        if not fs.exists(path):
+            raise DataError(f"{uri}: no such file or directory")
+        if not fs.getFileStatus(path).isDirectory():
+            return [uri]
+        found = sorted(
+            (status.getPath().getName(), status.getPath().toString())
+            for status in fs.listStatus(path)
+            if status.isFile() and status.getPath().getName().lower().endswith((".parquet", ".pq"))
+        )
+        if not found:
+            raise DataError(f"{uri}: directory holds no .parquet files")
+        names = [full for _, full in found]
+        first = self.spark.read.parquet(names[0]).schema
+        for shard in names[1:]:
+            schema = self.spark.read.parquet(shard).schema
+            if schema != first:
+                raise DataError(
+                    f"{shard}: schema ({schema.simpleString()}) differs from "
+                    f"{found[0][0]}'s ({first.simpleString()})"
+                )
+        return names
+
+    def rows(self, uri: str) -> int:
+        return self.spark.read.parquet(uri).count()
+
+    def describe(self, uris: list[str]) -> list[dict]:
+        """name, bytes and sha256 of each file, hashed where the data is (by Spark)."""
+        found = {
+            row[0]: row
+            for row in self.spark.read.format("binaryFile")
+            .load(uris)
+            .selectExpr("path", "length", "sha2(content, 256)")
+            .collect()
+        }
+        by_name = {path.rsplit("/", 1)[-1]: row for path, row in found.items()}
+        return [
+            {"name": u.rsplit("/", 1)[-1], "bytes": by_name[u.rsplit("/", 1)[-1]][1],
+             "sha256": by_name[u.rsplit("/", 1)[-1]][2]}
+            for u in uris
+        ]  # fmt: skip
+
+    def mkdirs(self, uri: str) -> None:
+        fs, path = self._fs(uri)
+        fs.mkdirs(path)
+
+    def rename(self, source: str, target: str) -> None:
+        fs, path = self._fs(source)
+        if not fs.rename(path, self._fs(target)[1]):
+            raise DataError(f"{target}: cannot rename {source} to it")
+
+    def delete(self, uri: str) -> None:
+        fs, path = self._fs(uri)
+        if fs.exists(path):
+            fs.delete(path, True)
+
+    def put(self, local: Path, uri: str) -> None:
+        fs, path = self._fs(uri)
+        jvm = self.spark.sparkContext._jvm
+        fs.copyFromLocalFile(False, True, jvm.org.apache.hadoop.fs.Path(str(local)), path)
+
+    def check_replaceable(self, uri: str) -> None:
+        if not self.exists(uri):
+            return
+        fs, path = self._fs(uri)
+        empty = self.is_dir(uri) and len(fs.listStatus(path)) == 0
+        if not (empty or self.exists(f"{uri}/{MANIFEST_FILE}")):
+            raise DataError(
+                f"{uri}: exists and is not a prepare_data.py output directory; refusing to "
+                "replace it"
+            )
+
+    def swap_into_place(self, tmp: str, out: str) -> None:
+        if not self.exists(out):
+            self.rename(tmp, out)
+            return
+        old = f"{tmp}.old"
+        self.rename(out, old)
+        self.rename(tmp, out)
+        self.delete(old)

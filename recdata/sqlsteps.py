@@ -176,8 +176,10 @@ class SqlSteps:
         )[0]
         name, _, expected = checks[which]
         raw = self._rows(f"SELECT {self._col(name)} FROM scan WHERE rn = {int(rn)}")[0][0]
-        if delimiter:
+        if delimiter and isinstance(files[0], Path):
             where = f"{files[0]} line {csv_line(files[0], int(rn), delimiter)}"
+        elif delimiter:  # a URI: no local file to count lines in
+            where = f"{files[0]} data row {int(rn) + 1}"
         else:
             where = f"{filename} row {row}"
         if raw is None or (isinstance(raw, str) and not raw.strip()):

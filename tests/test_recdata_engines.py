@@ -313,3 +313,10 @@ def test_a_log_with_a_header_only_is_refused_alike(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and "log.csv: no events left after filtering (0 rows read" in err, err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("engine", ["duckdb", "pandas"])
+def test_uris_need_the_spark_engine(tmp_path, capsys, engine):
+    code, out = prepare(tmp_path, engine, "--source events --input hdfs://head/logs")
+    err = capsys.readouterr().err
+    assert code == 2 and "--input hdfs://head/logs: URIs need --engine spark" in err, err
