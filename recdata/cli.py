@@ -395,9 +395,7 @@ def _prepare_duckdb(args: argparse.Namespace, options: ProcessOptions, start: fl
         if direct:
             columns = _event_columns(args)
             loaded = engine.load_files(args.input, columns, args.skip_bad_lines)
-            raw, reader_options = _direct_raw(
-                args, columns, loaded.rows_read, loaded.bad_lines, loaded.files
-            )
+            raw, reader_options = _direct_raw(args, columns, loaded)
         else:
             raw, reader_options = _read_with_live(args)
             engine.load_frame(raw.events)
@@ -423,8 +421,8 @@ def _prepare_spark(args: argparse.Namespace, options: ProcessOptions, start: flo
     engine = spark.SparkEngine(spark.session(args.spark_master, args.verbose))
     if direct:
         columns = _event_columns(args)
-        rows_read, bad, files = engine.load_files(args.input, columns, args.skip_bad_lines)
-        raw, reader_options = _direct_raw(args, columns, rows_read, bad, files)
+        loaded = engine.load_files(args.input, columns, args.skip_bad_lines)
+        raw, reader_options = _direct_raw(args, columns, loaded)
     else:
         raw, reader_options = _read_with_live(args)
         engine.load_frame(raw.events)
@@ -437,7 +435,7 @@ def _prepare_spark(args: argparse.Namespace, options: ProcessOptions, start: flo
     return counts
 
 
-def _direct_raw(args, columns, rows_read: int, bad: int, files) -> tuple[RawData, dict]:
+def _direct_raw(args, columns, loaded) -> tuple[RawData, dict]:
     """RawData (without events: the engine holds them) for an events file the engine read."""
     from recdata.readers import read_item_table
 
@@ -449,9 +447,9 @@ def _direct_raw(args, columns, rows_read: int, bad: int, files) -> tuple[RawData
     raw = RawData(
         events=pd.DataFrame(),
         items=items,
-        dropped={"bad_lines_skipped": bad},
-        inputs=tuple(p for p in (*files, args.items) if p is not None),
-        rows_read=rows_read,
+        dropped={"bad_lines_skipped": loaded.bad_lines},
+        inputs=tuple(p for p in (*loaded.files, args.items) if p is not None),
+        rows_read=loaded.rows_read,
         item_rows_skipped=skipped,
     )
     return raw, {"columns": dataclasses.asdict(columns)}

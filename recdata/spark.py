@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from recdata.duck import Loaded
 from recdata.io import (
     EVENTS_DIR,
     ITEMS_FILE,
@@ -215,7 +216,7 @@ class SparkEngine(SqlSteps):
         bad = rows_read - self._count("ev")
         if bad and not skip_bad_lines:
             raise DataError(self._first_bad(checks, files, delimiter))
-        return rows_read, bad, files
+        return Loaded(rows_read, bad, tuple(files))
 
     # --- output ------------------------------------------------------------------------
 

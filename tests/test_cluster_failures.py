@@ -19,7 +19,7 @@ from test_distributed import (
     _start,
     _stop,
     _wait,
-    _wait_listening,
+    ps_cluster,
 )
 
 EPOCHS = 8
@@ -40,26 +40,6 @@ def _epochs_saved(workdir) -> int:
         except (OSError, ValueError):  # replaced while read
             return 0
     return 0
-
-
-def _cluster(tmp_path, args, tag: str, chief_args: list[str]):
-    """ps x 2 and worker x 2 started and listening, then the chief with `chief_args`:
-    (servers, chief, chief log, chief TF_CONFIG)."""
-    ports = _free_ports(5)
-    cluster = {"chief": [f"127.0.0.1:{ports[0]}"],
-               "worker": [f"127.0.0.1:{p}" for p in ports[1:3]],
-               "ps": [f"127.0.0.1:{p}" for p in ports[3:5]]}
-    processes, logs = [], []
-    for job, count in (("ps", 2), ("worker", 2)):
-        for index in range(count):
-            logs.append(tmp_path / f"{tag}-{job}{index}.log")
-            processes.append(_start(args, {"cluster": cluster, "task": {
-                "type": job, "index": index}}, tmp_path, logs[-1]))
-    _wait_listening(ports[1:], processes, logs)
-    chief_config = {"cluster": cluster, "task": {"type": "chief", "index": 0}}
-    chief_log = tmp_path / f"{tag}-chief.log"
-    chief = _start(chief_args, chief_config, tmp_path, chief_log)
-    return processes, chief, chief_log, chief_config
 
 
 def _until_saved(workdir, epochs: int, chief, log) -> None:
@@ -90,7 +70,7 @@ def test_parameter_server_run_survives_a_killed_worker(tmp_path):
     args = _args(data, tmp_path, "parameter_server")
     processes = []
     try:
-        servers, chief, chief_log, _ = _cluster(tmp_path, args, "first", args)
+        servers, chief, chief_log, _ = ps_cluster(tmp_path, args, "first", args)
         processes += [*servers, chief]
         _until_saved(tmp_path, 2, chief, chief_log)
         _signal(servers[3], signal.SIGKILL)  # worker 1
@@ -118,7 +98,7 @@ def test_parameter_server_chief_killed_and_restarted_resumes(tmp_path):
     args = _args(data, tmp_path, "parameter_server")
     processes = []
     try:
-        servers, first, first_log, chief_config = _cluster(tmp_path, args, "first", args)
+        servers, first, first_log, chief_config = ps_cluster(tmp_path, args, "first", args)
         processes += [*servers, first]
         _until_saved(tmp_path, 3, first, first_log)
         _signal(first, signal.SIGKILL)
@@ -150,7 +130,7 @@ def test_parameter_server_killed_ps_stops_the_chief_and_the_restarted_cluster_re
     args = _args(data, tmp_path, "parameter_server")
     processes = []
     try:
-        servers, chief, chief_log, _ = _cluster(tmp_path, args, "first", args)
+        servers, chief, chief_log, _ = ps_cluster(tmp_path, args, "first", args)
         processes += [*servers, chief]
         _until_saved(tmp_path, 2, chief, chief_log)
         _signal(servers[1], signal.SIGKILL)  # ps 1
@@ -161,7 +141,7 @@ def test_parameter_server_killed_ps_stops_the_chief_and_the_restarted_cluster_re
         run_dir = next((tmp_path / "runs").glob("tiny-*"))
         saved = _epochs_saved(tmp_path)
         # The whole cluster again (new processes, new ports), the chief resuming the run.
-        servers, resumed, resumed_log, _ = _cluster(tmp_path, args, "second",
+        servers, resumed, resumed_log, _ = ps_cluster(tmp_path, args, "second",
                                                     [*args, "--resume", str(run_dir)])
         processes += [*servers, resumed]
         output = _wait(resumed, resumed_log, CLUSTER_TIMEOUT)

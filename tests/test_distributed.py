@@ -101,32 +101,40 @@ def _wait(process: subprocess.Popen, log: Path, timeout: float) -> str:
     return output
 
 
-def _parameter_server_run(tmp_path: Path, data: Path) -> str:
-    """Train TINY on `data` with a chief, 2 workers and 2 ps on 127.0.0.1 (logs in tmp_path:
-    chief.log, worker0.log, ...); the chief's output. Every process is stopped after."""
+def ps_cluster(tmp_path: Path, args: list[str], tag: str, chief_args: list[str]):
+    """ps x 2 and worker x 2 on 127.0.0.1 started and listening (logs TAG-ps0.log, ...), then
+    the chief with `chief_args`: (servers, chief, chief log, chief TF_CONFIG). The caller
+    stops them."""
     ports = _free_ports(5)
     cluster = {"chief": [f"127.0.0.1:{ports[0]}"],
                "worker": [f"127.0.0.1:{p}" for p in ports[1:3]],
                "ps": [f"127.0.0.1:{p}" for p in ports[3:5]]}
+    processes, logs = [], []
+    for job, count in (("ps", 2), ("worker", 2)):
+        for index in range(count):
+            logs.append(tmp_path / f"{tag}-{job}{index}.log")
+            processes.append(_start(args, {"cluster": cluster, "task": {
+                "type": job, "index": index}}, tmp_path, logs[-1]))
+    _wait_listening(ports[1:], processes, logs)
+    chief_config = {"cluster": cluster, "task": {"type": "chief", "index": 0}}
+    chief_log = tmp_path / f"{tag}-chief.log"
+    chief = _start(chief_args, chief_config, tmp_path, chief_log)
+    return processes, chief, chief_log, chief_config
+
+
+def _parameter_server_run(tmp_path: Path, data: Path) -> str:
+    """Train TINY on `data` with a chief, 2 workers and 2 ps (logs run-chief.log,
+    run-worker0.log, ...); the chief's output. Every process is stopped after."""
     args = ["--data", str(data), "--out", str(tmp_path / "models" / "tiny"),
             "--distribute", "parameter_server", *TINY]
-    processes, logs = [], []
+    servers, chief = [], None
     try:
-        for job, count in (("ps", 2), ("worker", 2)):
-            for index in range(count):
-                logs.append(tmp_path / f"{job}{index}.log")
-                processes.append(_start(args, {"cluster": cluster, "task": {
-                    "type": job, "index": index}}, tmp_path, logs[-1]))
-        _wait_listening(ports[1:], processes, logs)
-        logs.append(tmp_path / "chief.log")
-        processes.append(_start(args, {"cluster": cluster, "task": {"type": "chief",
-                                                                      "index": 0}},
-                                tmp_path, logs[-1]))
-        output = _wait(processes[-1], logs[-1], CLUSTER_TIMEOUT)
-        for process, log in zip(processes[:-1], logs):  # the servers are still serving
-            assert process.poll() is None, log.read_text()[-3000:]
+        servers, chief, chief_log, _ = ps_cluster(tmp_path, args, "run", args)
+        output = _wait(chief, chief_log, CLUSTER_TIMEOUT)
+        for process in servers:  # the servers are still serving
+            assert process.poll() is None
     finally:
-        _stop(processes)
+        _stop([*servers, *([chief] if chief else [])])
     return output
 
 
@@ -408,7 +416,7 @@ def test_parameter_server_workers_read_their_own_shards(tmp_path, monkeypatch):
     assert not (next((tmp_path / "runs").glob("tiny-*")) / "input").exists()  # removed after
     # Each worker built its dataset from its own files only: 0 and 2, or 1 and 3.
     for index, own in ((0, ("part-00000", "part-00002")), (1, ("part-00001", "part-00003"))):
-        reads = [line for line in (tmp_path / f"worker{index}.log").read_text().splitlines()
+        reads = [line for line in (tmp_path / f"run-worker{index}.log").read_text().splitlines()
                  if "towerrec input: worker" in line]
         assert reads, f"worker {index} built no dataset"
         for line in reads:

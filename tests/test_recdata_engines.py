@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recdata import DataError, load_processed
+from recdata import DataError, duck, load_processed
 from recdata.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "recdata"
@@ -224,9 +224,18 @@ def test_shards_with_mismatched_schemas_are_refused_by_name(tmp_path, capsys):
         assert not out.exists()
 
 
-def test_memory_limit_is_a_setting(tmp_path, capsys):
+def test_memory_limit_is_a_setting(tmp_path, capsys, monkeypatch):
+    limits = []
+    real = duck.Engine.__init__
+
+    def spy(self, memory_limit, *args, **kwargs):
+        real(self, memory_limit, *args, **kwargs)
+        limits.append(self._rows("SELECT current_setting('memory_limit')")[0][0])
+
+    monkeypatch.setattr(duck.Engine, "__init__", spy)
     code, out = prepare(tmp_path, "duckdb", SYNTHETIC, "--memory-limit 256MB")
     assert code == 0 and (out / "events.parquet").is_file()
+    assert limits == ["244.0 MiB"]  # 256 * 10**6 bytes, as DuckDB reports it
     code, _ = prepare(tmp_path, "pandas", SYNTHETIC, "--memory-limit 256MB")
     assert code == 2 and "--memory-limit applies to --engine duckdb" in capsys.readouterr().err
     code, _ = prepare(tmp_path, "duckdb", SYNTHETIC, "--memory-limit lots")

@@ -3,6 +3,7 @@ process trains on, one file per events shard, and too few shards for the workers
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from support import write_processed
 
 from recdata import load_processed
@@ -12,9 +13,15 @@ from training.sequences import build_sequences, training_arrays
 from training.shard_input import (
     WINDOW_NAMES,
     check_worker_count,
-    read_window_file,
+    parse_record,
     write_window_shards,
 )
+
+
+def read_window_file(path) -> dict[str, np.ndarray]:
+    """A window file's windows, as a worker's dataset parses them."""
+    parts = [parse_record(r) for r in tf.data.TFRecordDataset(str(path))]
+    return {name: np.concatenate([p[name].numpy() for p in parts]) for name in WINDOW_NAMES}
 
 
 def _rows(arrays: dict[str, np.ndarray]) -> np.ndarray:
