@@ -137,7 +137,8 @@ class TwoTowerModel(tfrs.models.Model):
         (towers/random_draws.py, sequential/dropout.py). Call inside the strategy scope,
         before training."""
         self.rng = tf.random.Generator.from_seed(seed)
-        for layer in (self.item_tower, self.retrieval, *self.user_tower._flatten_layers()):
+        for layer in (self.item_tower, self.retrieval, self.user_tower,
+                      *self.user_tower.submodules):
             if hasattr(layer, "rng"):
                 layer.rng = self.rng
 

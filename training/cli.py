@@ -74,10 +74,9 @@ def resolve_resume(args: argparse.Namespace):
 
     from towers import run_dir as run_files
     from training.config import TrainConfig
+    from training.resume import check_run_dir
 
-    run_dir = Path(args.resume)
-    if not (run_dir / run_files.CONFIG).exists():
-        raise ValueError(f"--resume {run_dir}: not a run directory (no {run_files.CONFIG})")
+    run_dir = check_run_dir(args.resume)
     info = json.loads((run_dir / run_files.EXPORT_INFO).read_text())
     args.data = args.data or info["data"]
     args.out = args.out or info["export_dir"] or f"saved_model/{run_dir.name}"

@@ -48,12 +48,18 @@ def resumable(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def check_same_run(run_dir: Path, config: TrainConfig, data_dir: Path) -> None:
-    """ValueError naming every difference between this command's settings and data and the
-    run's (resuming with other settings or data would be a different run)."""
+def check_run_dir(run_dir: str | Path) -> Path:
+    """run_dir, refused unless it holds a run's config."""
     run_dir = Path(run_dir)
     if not (run_dir / run_files.CONFIG).exists():
         raise ValueError(f"--resume {run_dir}: not a run directory (no {run_files.CONFIG})")
+    return run_dir
+
+
+def check_same_run(run_dir: Path, config: TrainConfig, data_dir: Path) -> None:
+    """ValueError naming every difference between this command's settings and data and the
+    run's (resuming with other settings or data would be a different run)."""
+    run_dir = check_run_dir(run_dir)
     if (run_dir / run_files.METRICS).exists():
         raise ValueError(f"--resume {run_dir}: the run finished (it has {run_files.METRICS}); "
                          f"export it with: train.py export --run {run_dir}")
