@@ -12,6 +12,7 @@ workers and ps tasks serve until stopped).
 import sys
 from pathlib import Path
 
+from recdata.schema import DataError
 from training import cli  # noqa: I001  (imports tfenv; TensorFlow itself loads later)
 from training.cluster import cluster_task, serve
 from training.config import config_from_args
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             try_run_report(run_dir, export_run(run_dir, Path(args.out)))
         print(f"run directory: {run_dir}")
         return 0
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:

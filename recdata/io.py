@@ -12,7 +12,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -241,13 +241,8 @@ def _read_checked(path: Path, expected: pa.Schema) -> pd.DataFrame:
     return table.select(expected.names).to_pandas()
 
 
-def load_processed(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Read a prepare_data.py output directory: (items, events, manifest).
-
-    Checks the files, columns and types, the schema version, that item_idx runs 1..N in
-    items and that events only use those indices and known splits.
-    """
-    path = Path(path)
+def read_manifest(path: Path) -> dict:
+    """The manifest of a prepare_data.py output directory, its schema version checked."""
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
         raise DataError(f"{manifest_path}: missing file (run prepare_data.py to create it)")
@@ -261,12 +256,29 @@ def load_processed(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             f"{manifest_path}: schema_version {version!r}, expected {SCHEMA_VERSION}; "
             "re-run prepare_data.py"
         )
+    return manifest
+
+
+def load_processed(
+    path: str | Path, shards: Sequence[int] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Read a prepare_data.py output directory: (items, events, manifest).
+
+    Checks the files, columns and types, the schema version, that item_idx runs 1..N in
+    items and that events only use those indices and known splits. `shards` (sharded data
+    only): the events of those shards (by position in the manifest) alone, only they checked
+    and read.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
     items = _read_checked(path / ITEMS_FILE, ITEMS_SCHEMA)
     if "shards" in manifest:
         events = pd.concat(
-            [_read_checked(f, EVENTS_SCHEMA) for f in event_shards(path, manifest)],
+            [_read_checked(f, EVENTS_SCHEMA) for f in event_shards(path, manifest, shards)],
             ignore_index=True,
         )
+    elif shards is not None:
+        raise DataError(f"{path}: the events are one file, not shards (prepare_data.py --shards)")
     else:
         events = _read_checked(path / EVENTS_FILE, EVENTS_SCHEMA)
     n_items = len(items)
@@ -281,9 +293,10 @@ def load_processed(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     return items, events, manifest
 
 
-def event_shards(path: Path, manifest: dict) -> list[Path]:
+def event_shards(path: Path, manifest: dict, pick: Sequence[int] | None = None) -> list[Path]:
     """The events shards of a sharded data directory, checked against its manifest: every
-    listed file there with its rows and sha256, and no other file in events/."""
+    listed file there with its rows and sha256, and no other file in events/. `pick`: only
+    the shards at those positions of the list are checked and returned."""
     listed = manifest.get("shards")
     if not isinstance(listed, list) or not listed:
         raise DataError(f"{path / MANIFEST_FILE}: 'shards' is not a list of events shards")
@@ -293,7 +306,7 @@ def event_shards(path: Path, manifest: dict) -> list[Path]:
         if f"{EVENTS_DIR}/{file.name}" not in names:
             raise DataError(f"{file}: shard not listed in {path / MANIFEST_FILE}")
     files = []
-    for entry in listed:
+    for entry in listed if pick is None else [listed[k] for k in pick]:
         file = path / str(entry.get("file"))
         if not file.is_file():
             raise DataError(f"{file}: missing shard (listed in {path / MANIFEST_FILE})")

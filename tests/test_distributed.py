@@ -171,28 +171,37 @@ def test_parameter_server_cluster_shards_item_table_trains_and_exports(tmp_path)
           f"{len(history)} epochs, {metadata['wall_seconds']}s in the chief's train()")
 
 
-def test_multiworker_two_workers_only_the_chief_writes_the_run(tmp_path):
-    data = write_processed(tmp_path / "data")
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+def _multiworker_run(tmp_path: Path, data: Path, jobs: tuple[str, ...]) -> list[str]:
+    """Train TINY for 2 epochs on `data` with one MultiWorkerMirroredStrategy task per entry of
+    `jobs` ("chief" or "worker"), each in its own directory (tmp/TYPEINDEX); their outputs.
+    Every process is stopped after."""
+    ports = _free_ports(len(jobs))
+    cluster: dict[str, list[str]] = {}
+    for job, port in zip(jobs, ports):
+        cluster.setdefault(job, []).append(f"127.0.0.1:{port}")
     args = ["--data", str(data), "--out", str(tmp_path / "models" / "tiny"),
             "--distribute", "multiworker", *TINY, "--epochs", "2"]
     processes, logs = [], []
-    started = time.time()
     try:
-        for index in range(2):
-            logs.append(tmp_path / f"worker{index}.log")
-            workdir = tmp_path / f"w{index}"
+        for job in jobs:
+            index = sum(j == job for j in jobs[:len(processes)])
+            workdir = tmp_path / f"{job}{index}"
             workdir.mkdir()
+            logs.append(tmp_path / f"{job}{index}.log")
             processes.append(_start(args, {"cluster": cluster, "task": {
-                "type": "worker", "index": index}}, workdir, logs[-1]))
-        outputs = [_wait(process, log, CLUSTER_TIMEOUT) for process, log in zip(processes, logs)]
+                "type": job, "index": index}}, workdir, logs[-1]))
+        return [_wait(process, log, CLUSTER_TIMEOUT) for process, log in zip(processes, logs)]
     finally:
         _stop(processes)
+
+
+def test_multiworker_two_workers_only_the_chief_writes_the_run(tmp_path):
+    started = time.time()
+    outputs = _multiworker_run(tmp_path, write_processed(tmp_path / "data"), ("worker", "worker"))
     wall = time.time() - started
-    runs = list((tmp_path / "w0" / "runs").glob("tiny-*"))
+    runs = list((tmp_path / "worker0" / "runs").glob("tiny-*"))
     assert len(runs) == 1 and (runs[0] / "metrics.json").exists()
-    assert not (tmp_path / "w1" / "runs").exists()
+    assert not (tmp_path / "worker1" / "runs").exists()
     assert (tmp_path / "models" / "tiny" / "1" / "retrieval_bruteforce").is_dir()  # chief's
     assert "worker 1 done" in outputs[1] and "run directory:" in outputs[0]
     metadata = json.loads((runs[0] / "metadata.json").read_text())
@@ -201,6 +210,31 @@ def test_multiworker_two_workers_only_the_chief_writes_the_run(tmp_path):
     assert len(pd.read_csv(runs[0] / "history.csv")) == 2
     print(f"\nmultiworker (2 workers): {wall:.1f}s wall, {metadata['wall_seconds']}s in the "
           "chief's train()")
+
+
+def test_multiworker_tasks_train_on_their_own_shards_and_follow_the_chief(tmp_path):
+    data = write_processed(tmp_path / "data", num_users=200, shards=4)
+    chief, worker = _multiworker_run(tmp_path, data, ("chief", "worker"))
+    pattern = r"training input: ([\d,]+) of ([\d,]+) windows \(worker (\d) of 2: (.*)\)"
+    seen = {}
+    for output in (chief, worker):
+        count, total, rank, shards = re.search(pattern, output).groups()
+        seen[int(rank)] = (int(count.replace(",", "")), int(total.replace(",", "")), shards)
+    # the chief is rank 0 with shards 0 and 2; the worker reads 1 and 3, and only them
+    assert seen[0][2] == "events/part-00000.parquet, events/part-00002.parquet"
+    assert seen[1][2] == "events/part-00001.parquet, events/part-00003.parquet"
+    assert seen[0][0] + seen[1][0] == seen[0][1] == seen[1][1]  # together: every window
+    assert "validation: on the chief" in worker and "validation: on the chief" not in chief
+    # the worker logs the chief's validation results, epoch by epoch
+    ndcg = [re.findall(r"valid NDCG@10 (\S+)", output) for output in (chief, worker)]
+    assert len(ndcg[0]) == 2 and ndcg[0] == ndcg[1]
+    assert "worker 0 done" in worker and "run directory:" in chief
+    runs = list((tmp_path / "chief0" / "runs").glob("tiny-*"))
+    assert len(runs) == 1 and len(pd.read_csv(runs[0] / "history.csv")) == 2
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert np.isfinite(metrics["test"]["ndcg@10"])
+    model_dir = tmp_path / "models" / "tiny" / "1" / "retrieval_bruteforce"
+    assert (model_dir / "saved_model.pb").is_file()
 
 
 CANDIDATES = r"""

@@ -7,6 +7,7 @@ import tensorflow as tf
 from support import write_processed
 
 from recdata import load_processed
+from recdata.schema import DataError
 from training.config import TrainConfig
 from training.data import load_training_data
 from training.sequences import build_sequences, training_arrays
@@ -59,4 +60,23 @@ def test_training_data_keeps_windows_out_of_memory_only_for_sharded_data(tmp_pat
     assert single.window_shards is None and data.window_count == single.window_count
     assert data.positions == single.positions
     with pytest.raises(ValueError, match="2 shard\\(s\\) for 3 workers.*--shards 3"):
-        check_worker_count(data.window_shards, 3)
+        check_worker_count(len(data.window_shards.files), 3)
+
+
+def test_a_worker_reads_and_checks_only_its_own_shards(tmp_path):
+    data = write_processed(tmp_path / "data", num_users=80, shards=4)
+    _, whole, _ = load_processed(data)
+    with open(data / "events" / "part-00000.parquet", "ab") as shard:  # not worker 1's
+        shard.write(b"changed")
+    items, events, manifest = load_processed(data, shards=[1, 3])
+    bounds = [0, 20, 40, 60, 80]  # users per shard: prepare_data's shard_bounds
+    users = sorted(whole["user_id"].unique())
+    own = set(users[bounds[1]:bounds[2]] + users[bounds[3]:bounds[4]])
+    assert set(events["user_id"]) == own and len(items) == 24
+    assert len(events) == int(whole["user_id"].isin(own).sum())
+    with pytest.raises(DataError, match="part-00000.parquet: not a readable Parquet"):
+        load_processed(data, shards=[0])
+    with pytest.raises(DataError, match="part-00000.parquet"):
+        load_processed(data)
+    with pytest.raises(DataError, match="one file, not shards"):
+        load_processed(write_processed(tmp_path / "single", num_users=10), shards=[0])

@@ -15,6 +15,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,19 @@ class ClusterTask:
     @property
     def num_ps(self) -> int:
         return len(self.cluster.get("ps", []))
+
+    @property
+    def training_workers(self) -> int:
+        """How many tasks train in a multiworker cluster: the chief, if any, and the workers."""
+        return len(self.cluster.get("chief", [])) + len(self.cluster.get("worker", []))
+
+    @property
+    def training_rank(self) -> int:
+        """This task's place among them, in MultiWorkerMirroredStrategy's own order (the chief
+        first): the events shards it trains on are rank, rank + workers, ..."""
+        if "chief" in self.cluster:
+            return 0 if self.task_type == "chief" else self.task_index + 1
+        return self.task_index
 
 
 def cluster_task(config: TrainConfig, environ: dict[str, str] | None = None) -> ClusterTask:
@@ -105,6 +120,44 @@ def cluster_task(config: TrainConfig, environ: dict[str, str] | None = None) -> 
         raise ValueError(f"--ps-shards {config.ps_shards}: TF_CONFIG has only "
                          f"{result.num_ps} ps task(s), at most one shard per ps")
     return result
+
+
+_REDUCERS: dict[int, object] = {}  # one all-reduce function per strategy (no retracing)
+
+
+def sum_over_workers(strategy, values: np.ndarray) -> np.ndarray:
+    """`values` summed over the workers of a MultiWorkerMirroredStrategy cluster (one all-reduce;
+    each worker's counted once, however many local devices it has). Every worker must call it,
+    in the same order; a worker passing zeros receives what the others sent."""
+    import tensorflow as tf
+
+    if id(strategy) not in _REDUCERS:
+        local = len(strategy.extended.worker_devices)
+
+        def reduce(tensor):
+            context = tf.distribute.get_replica_context()
+            first = tf.equal(context.replica_id_in_sync_group % local, 0)
+            return context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                      tf.where(first, tensor, tf.zeros_like(tensor)))
+
+        _REDUCERS[id(strategy)] = tf.function(
+            lambda tensor: strategy.run(reduce, args=(tensor,)), reduce_retracing=True)
+    summed = _REDUCERS[id(strategy)](tf.constant(values))
+    return strategy.experimental_local_results(summed)[0].numpy()
+
+
+def from_chief(strategy, is_chief: bool, payload: dict | None = None,
+               array: np.ndarray | None = None, rows: int = 0) -> tuple[dict, np.ndarray]:
+    """The chief's JSON-able `payload` and float64 `array` on every worker of a multiworker
+    cluster (the others pass neither, but the array's length, `rows`, which they must know)."""
+    text = json.dumps(payload).encode() if is_chief else b""
+    size = int(sum_over_workers(strategy, np.array([len(text)], np.int64))[0])
+    raw = np.zeros(size, np.int32)
+    if is_chief:
+        raw[:] = np.frombuffer(text, np.uint8)
+    shared = sum_over_workers(strategy, raw).astype(np.uint8).tobytes()
+    values = array.astype(np.float64) if is_chief else np.zeros(rows, np.float64)
+    return json.loads(shared.decode()), sum_over_workers(strategy, values)
 
 
 def serve(task: ClusterTask) -> None:

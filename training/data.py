@@ -12,12 +12,19 @@ import numpy as np
 import pandas as pd
 
 from recdata import load_processed
+from recdata.io import load_events_shard, read_manifest
 from towers import run_dir as run_files
 from towers.spec import ModelSpec
+from training.cluster import ClusterTask, from_chief, sum_over_workers
 from training.config import TrainConfig
 from training.features import ItemFeatures, item_features
 from training.sequences import Sequences, build_sequences, training_arrays
-from training.shard_input import WindowShards, write_window_shards
+from training.shard_input import (
+    WindowShards,
+    WorkerWindows,
+    check_worker_count,
+    write_window_shards,
+)
 
 
 @dataclass
@@ -30,16 +37,31 @@ class TrainingData:
     # for parameter-server workers (window_shards)
     windows: dict[str, np.ndarray] | None
     window_shards: WindowShards | None = None
+    # a multiworker worker's own windows, with the whole data's totals (multiworker_data)
+    worker_windows: WorkerWindows | None = None
+    # the whole data's training counts where `seqs` holds only this worker's shards
+    whole_counts: np.ndarray | None = None
+
+    @property
+    def _totals(self) -> WindowShards | WorkerWindows | None:
+        return self.window_shards or self.worker_windows
+
+    @property
+    def training_input(self) -> dict[str, np.ndarray] | WindowShards | WorkerWindows:
+        """What `fit` trains on: window files, this worker's windows, or all windows."""
+        return self._totals or self.windows
 
     @property
     def window_count(self) -> int:
-        if self.window_shards is not None:
-            return self.window_shards.windows
+        if self._totals is not None:
+            return self._totals.windows
         return len(self.windows["targets"])
 
     @property
     def train_counts(self) -> np.ndarray:
         """Training interactions per item_idx [num_items + 1] (cold items held out: 0)."""
+        if self.whole_counts is not None:
+            return self.whole_counts
         return self.seqs.train_counts()
 
     @property
@@ -51,15 +73,15 @@ class TrainingData:
     @property
     def positions(self) -> int:
         """Next-item targets per epoch."""
-        if self.window_shards is not None:
-            return self.window_shards.positions
+        if self._totals is not None:
+            return self._totals.positions
         return int((self.windows["targets"] > 0).sum())
 
     @property
     def purchase_positions(self) -> float:
         """Targets that are purchases (the ranking task's positives)."""
-        if self.window_shards is not None:
-            return self.window_shards.purchases
+        if self._totals is not None:
+            return self._totals.purchases
         return float(self.windows["target_purchase"][self.windows["targets"] > 0].sum())
 
     def mean_batch_positions(self, batch_size: int) -> float:
@@ -93,6 +115,64 @@ def load_training_data(config: TrainConfig, data_dir: str | Path,
     if count == 0:
         raise ValueError(f"{data_dir}: no user has two training events; nothing to train on")
     return TrainingData(items, manifest, seqs, features, windows, shards)
+
+
+def multiworker_data(config: TrainConfig, data_dir: str | Path, task: ClusterTask, strategy,
+                     on_gpu: bool) -> tuple[TrainingData, ModelSpec, str]:
+    """A MultiWorkerMirroredStrategy task's data, model spec and why its retrieval softmax.
+
+    Unsharded data: every worker loads it all and derives the same choices. Sharded data
+    (prepare_data.py --shards N, N >= workers): every worker, the chief too, trains on the
+    windows of its own shards (rank, rank + workers, ...; a shard is a range of users); the
+    chief alone loads the whole data (validation, test, the run's tables) and shares what the
+    others need of it (the model spec, the event-type vocabulary, the training counts and the
+    window totals). The other workers read the item table and their own shards, nothing else.
+    """
+    manifest = read_manifest(Path(data_dir))
+    if "shards" not in manifest:
+        data = load_training_data(config, data_dir)
+        retrieval = retrieval_mode(config, data, on_gpu)
+        return data, model_spec(config, data, retrieval.mode), retrieval.reason
+    rank, workers = task.training_rank, task.training_workers
+    check_worker_count(len(manifest["shards"]), workers)
+    own = list(range(rank, len(manifest["shards"]), workers))
+    shared, counts = None, None
+    if task.is_chief:
+        data = load_training_data(config, data_dir)
+        retrieval = retrieval_mode(config, data, on_gpu)
+        spec = model_spec(config, data, retrieval.mode)
+        shared = {"spec": spec.to_dict(), "reason": retrieval.reason,
+                  "windows": data.window_count, "positions": data.positions,
+                  "purchases": data.purchase_positions,
+                  "event_vocab": data.seqs.event_vocab, "any_purchase": data.seqs.any_purchase}
+        counts = data.train_counts
+        data.windows = None  # the chief trains on its own shards' windows too
+        # (load_processed has just checked every shard against the manifest)
+        events = pd.concat([load_events_shard(Path(data_dir) / manifest["shards"][k]["file"])
+                            for k in own], ignore_index=True)
+        items = data.items
+    else:
+        items, events, manifest = load_processed(data_dir, shards=own)
+        features = item_features(items, np.zeros(len(items) + 1, np.int64), config)
+    shared, counts = from_chief(strategy, task.is_chief, shared, counts, rows=len(items) + 1)
+    seqs = build_sequences(events, len(items), config.cold_items, config.seed,
+                           event_vocab=shared["event_vocab"], any_purchase=shared["any_purchase"])
+    windows = training_arrays(seqs, config.max_seq_len, config.train_windows)
+    # Every worker must fail together (one left waiting in an all-reduce would hang).
+    empty = sum_over_workers(strategy, np.array([len(windows["history"]) == 0], np.int64))[0]
+    if empty:
+        raise ValueError(f"{int(empty)} worker(s) have no training window in their shards; "
+                         f"prepare the data with fewer --shards (>= {workers}) or more users")
+    names = [manifest["shards"][k]["file"] for k in own]
+    mine = WorkerWindows(windows, rank, workers, names, shared["windows"],
+                         shared["positions"], shared["purchases"])
+    if task.is_chief:
+        data.worker_windows = mine
+    else:
+        features.train_counts = counts.astype(np.int64)
+        data = TrainingData(items, manifest, seqs, features, None, worker_windows=mine,
+                            whole_counts=counts.astype(np.int64))
+    return data, ModelSpec(**shared["spec"]), shared["reason"]
 
 
 def ranking_mode(config: TrainConfig, seqs: Sequences) -> str:

@@ -20,7 +20,7 @@ from training.cluster import ClusterTask, parameter_server_strategy
 from training.config import TrainConfig
 from training.precision import Precision
 from training.resume import epoch_seed
-from training.shard_input import WindowShards, sharded_dataset
+from training.shard_input import WindowShards, WorkerWindows, sharded_dataset
 
 log = logging.getLogger(__name__)
 
@@ -140,16 +140,38 @@ def parameter_server_dataset(arrays: dict[str, np.ndarray], batch_size: int,
     return tf.keras.utils.experimental.DatasetCreator(dataset_fn)
 
 
-def fit(model: TwoTowerModel, windows: dict[str, np.ndarray] | WindowShards, config: TrainConfig,
-        run_dir: Path, callbacks: list[tf.keras.callbacks.Callback], use_events: bool,
-        first_epoch: int = 0, workers: int = 1) -> None:
+def worker_dataset(
+    own: WorkerWindows, batch_size: int, seed: int, use_events: bool, bucket_batches: int
+) -> tf.keras.utils.experimental.DatasetCreator:
+    """The dataset function of a multiworker task: its own windows in length-bucketed batches
+    of its share of the global `batch_size`, reshuffled every pass (seeded by the seed and its
+    rank), repeated: the epoch's length is set by the whole data's steps, the same on every
+    worker, since a worker that ran out would leave the others waiting in an all-reduce."""
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        per_replica = -(-batch_size // context.num_replicas_in_sync)
+        return training_dataset(
+            own.arrays, per_replica, seed * 1000 + own.rank, use_events, bucket_batches
+        ).repeat()
+
+    return tf.keras.utils.experimental.DatasetCreator(dataset_fn)
+
+
+def fit(model: TwoTowerModel, windows: dict[str, np.ndarray] | WindowShards | WorkerWindows,
+        config: TrainConfig, run_dir: Path, callbacks: list[tf.keras.callbacks.Callback],
+        use_events: bool, first_epoch: int = 0, workers: int = 1) -> None:
     """Keras fit over the training windows from `first_epoch` until the epochs, patience or
     budget run out; `callbacks` (validation first) log each epoch's line, CSVLogger and
     TensorBoard keep the curves. Under ParameterServerStrategy the chief schedules an epoch's
-    steps on the `workers` workers, which read window files when `windows` is WindowShards."""
+    steps on the `workers` workers, which read window files when `windows` is WindowShards;
+    every task of a multiworker cluster trains on its own windows when they are WorkerWindows."""
     steps = None
     strategy = model.distribute_strategy
-    if isinstance(windows, WindowShards):
+    if isinstance(windows, WorkerWindows):
+        dataset = worker_dataset(windows, config.batch_size, config.seed, use_events,
+                                 config.bucket_batches)
+        steps = math.ceil(windows.windows / config.batch_size)
+    elif isinstance(windows, WindowShards):
         dataset = sharded_dataset(windows, workers, config.batch_size, use_events)
         steps = math.ceil(windows.windows / config.batch_size)
     elif isinstance(strategy, tf.distribute.ParameterServerStrategy):

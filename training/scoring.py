@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from towers.model import TwoTowerModel
+from training.cluster import sum_over_workers
 from training.config import TrainConfig
 from training.evaluate import evaluate, evaluate_ranks, metrics_from_ranks
 from training.sequences import EvalSet, Sequences, eval_set
@@ -98,9 +99,10 @@ class ValidationCallback(tf.keras.callbacks.Callback):
     """Valid NDCG@10 after every `valid_every` epochs (and the last one); keeps the best
     weights, stops on patience (in epochs) or budget.
 
-    Logs the epoch's one line (loss, validation metrics, speed)."""
+    Logs the epoch's one line (loss, validation metrics, speed). `scorer` None: a multiworker
+    worker other than the chief, which follows the chief's validation."""
 
-    def __init__(self, scorer: UserScorer, config: TrainConfig, num_items: int,
+    def __init__(self, scorer: UserScorer | None, config: TrainConfig, num_items: int,
                  checkpoint: Path, positions_per_epoch: int, rows: np.ndarray | None):
         super().__init__()
         self.scorer, self.config, self.num_items = scorer, config, num_items
@@ -124,20 +126,26 @@ class ValidationCallback(tf.keras.callbacks.Callback):
         budget = self.config.time_budget_minutes * 60
         out_of_time = bool(budget and time.time() - self.started > budget)
         last = out_of_time or epoch + 1 >= self.config.epochs
-        # Workers of a multi-worker cluster vote on stopping after every validation, so they
-        # must validate at the same epochs: every epoch, whatever their clocks say.
-        lockstep = isinstance(self.model.distribute_strategy,
-                              tf.distribute.MultiWorkerMirroredStrategy)
-        if epoch - self.validated < self.every and not (last or lockstep):
+        metrics, valid_seconds = None, 0.0
+        if self.scorer is not None and (last or epoch - self.validated >= self.every):
+            began = time.time()
+            self.scorer.refresh()
+            metrics = evaluate(self.scorer, self.scorer.data, self.num_items,
+                               self.config.eval_batch_size, rows=self.rows)
+            valid_seconds = time.time() - began
+        strategy = self.model.distribute_strategy
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # The chief validates; every worker learns what it found and when it stops, so
+            # all save the same best weights and stop at the same epoch (one still training
+            # would wait forever for the others in its next all-reduce).
+            metrics, valid_seconds, out_of_time = _chief_says(
+                strategy, self.scorer is not None, metrics, valid_seconds, out_of_time)
+        if metrics is None:
             log.info("epoch %d: loss %.4f  (%.1fs, %s positions/s; validation every %d)",
                      epoch + 1, logs.get("loss", float("nan")), seconds,
                      f"{logs['positions_per_second']:,.0f}", self.every)
             return
-        began = time.time()
-        self.scorer.refresh()
-        metrics = evaluate(self.scorer, self.scorer.data, self.num_items,
-                           self.config.eval_batch_size, rows=self.rows)
-        self.valid_times.append(time.time() - began)
+        self.valid_times.append(valid_seconds)
         for name in ("hr@10", "ndcg@10", "mrr"):
             logs[f"val_{name}"] = metrics[name]
         log.info("epoch %d: loss %.4f  valid NDCG@10 %.4f  HR@10 %.4f  (%.1fs, %s positions/s; "
@@ -152,8 +160,7 @@ class ValidationCallback(tf.keras.callbacks.Callback):
         self.every = validation_interval(self.config.valid_every, self.valid_times[-1],
                                          float(np.median(self.epoch_times)),
                                          self.config.patience)
-        stop = self.wait >= self.config.patience or out_of_time
-        if _any_worker(self.model.distribute_strategy, bool(stop)):
+        if self.wait >= self.config.patience or out_of_time:
             self.model.stop_training = True
 
     def state(self) -> dict:
@@ -177,19 +184,21 @@ class ValidationCallback(tf.keras.callbacks.Callback):
                 "validation_share": round(validating / max(training + validating, 1e-9), 3)}
 
 
-def _any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
-    """Whether `flag` is set on any worker of a multi-worker cluster (else: the flag). Workers
-    must stop at the same epoch, or the ones still training wait forever for the others in
-    their next all-reduce; validation agrees by itself, time budgets need not."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return flag
+METRICS = ("hr@10", "ndcg@10", "mrr")
 
-    def vote():
-        return tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.SUM, tf.constant(1.0 if flag else 0.0))
 
-    votes = tf.function(lambda: strategy.run(vote))()
-    return float(strategy.experimental_local_results(votes)[0]) > 0
+def _chief_says(strategy: tf.distribute.Strategy, is_chief: bool, metrics: dict | None,
+                valid_seconds: float, out_of_time: bool) -> tuple[dict | None, float, bool]:
+    """The chief's validation of this epoch (None: it did not validate), its time and its
+    clock's verdict, on every worker (the others pass theirs, which are ignored)."""
+    values = np.zeros(3 + len(METRICS))
+    if is_chief:
+        values[:3] = (metrics is not None, valid_seconds, out_of_time)
+        if metrics is not None:
+            values[3:] = [metrics[name] for name in METRICS]
+    shared = sum_over_workers(strategy, values)
+    said = {name: float(value) for name, value in zip(METRICS, shared[3:])}
+    return (said if shared[0] else None), float(shared[1]), bool(shared[2])
 
 
 def text_knn_scorer(text: np.ndarray, data: EvalSet):

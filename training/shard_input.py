@@ -111,10 +111,24 @@ def parse_record(record: tf.Tensor) -> dict[str, tf.Tensor]:
     }
 
 
-def check_worker_count(shards: WindowShards, workers: int) -> None:
-    if len(shards.files) < workers:
+@dataclass(frozen=True)
+class WorkerWindows:
+    """A multiworker task's own training windows (from its shards) and the whole data's
+    totals, which set the steps of an epoch (training/data.py multiworker_data)."""
+
+    arrays: dict[str, np.ndarray]
+    rank: int
+    workers: int
+    shards: list[str]  # the events shards the windows come from
+    windows: int  # the whole data's
+    positions: int
+    purchases: float
+
+
+def check_worker_count(shards: int, workers: int) -> None:
+    if shards < workers:
         raise ValueError(
-            f"the data has {len(shards.files)} shard(s) for {workers} workers: every worker "
+            f"the data has {shards} shard(s) for {workers} workers: every worker "
             f"reads its own, so prepare it with --shards {workers} or more"
         )
 

@@ -19,7 +19,13 @@ from towers import run_dir as run_files
 from towers.model import TwoTowerModel
 from training.cluster import ClusterTask, cluster_task, sharded_tables
 from training.config import TrainConfig
-from training.data import load_training_data, model_spec, retrieval_mode, write_run_tables
+from training.data import (
+    load_training_data,
+    model_spec,
+    multiworker_data,
+    retrieval_mode,
+    write_run_tables,
+)
 from training.features import install_features
 from training.fit import check_graph_windows, device_name, fit, make_strategy
 from training.optimizers import make_optimizer, resolve_optimizer
@@ -111,7 +117,7 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
         # Sharded data: the workers read window files (one per shard) instead of the graph.
         data = load_training_data(config, data_dir, window_dir=run_dir / INPUT_DIR)
         if data.window_shards is not None:
-            check_worker_count(data.window_shards, len(task.cluster["worker"]))
+            check_worker_count(len(data.window_shards.files), len(task.cluster["worker"]))
             log.info("training input: %d window files in %s, each worker reads its own",
                      len(data.window_shards.files), run_dir / INPUT_DIR)
         else:
@@ -119,17 +125,31 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
         strategy = make_strategy(config, task, precision, data.seqs.num_items + 1)
     else:  # MultiWorkerMirroredStrategy wants to exist before TensorFlow runs anything
         strategy = make_strategy(config, task, precision)
-        with strategy.scope():  # a fine-tuned text encoder's variables belong to the strategy
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    spec = None
+    if task.mode == "multiworker":  # a fine-tuned encoder's variables belong to the strategy
+        with strategy.scope():  # (and the chief shares the data's choices by all-reduce)
+            data, spec, retrieval_reason = multiworker_data(config, data_dir, task, strategy,
+                                                            on_gpu)
+        if data.worker_windows is not None:
+            log.info("training input: %s of %s windows (worker %d of %d: %s)",
+                     f"{len(data.worker_windows.arrays['history']):,}",
+                     f"{data.window_count:,}", task.training_rank, task.training_workers,
+                     ", ".join(data.worker_windows.shards))
+    elif task.mode != "parameter_server":
+        with strategy.scope():
             data = load_training_data(config, data_dir)
+    if spec is None:
+        retrieval = retrieval_mode(config, data, on_gpu)
+        spec, retrieval_reason = model_spec(config, data, retrieval.mode), retrieval.reason
     features, seqs = data.features, data.seqs
     if features.text_source != "none":
         log.info("text encoder: %s", features.text_source)
-    retrieval = retrieval_mode(config, data, on_gpu=bool(tf.config.list_physical_devices("GPU")))
-    log.info("retrieval: %s softmax (%s); precision: %s (%s)", retrieval.mode,
-             retrieval.reason, precision.policy, precision.reason)
-    spec = model_spec(config, data, retrieval.mode)
+    log.info("retrieval: %s softmax (%s); precision: %s (%s)", spec.retrieval_mode,
+             retrieval_reason, precision.policy, precision.reason)
     spec.save(run_dir / run_files.SPEC)
-    write_run_tables(run_dir, data)
+    if task.is_chief:
+        write_run_tables(run_dir, data)
     use_events = spec.num_event_types > 0
     optimizer = resolve_optimizer(config.optimizer, spec.retrieval_mode)
 
@@ -144,16 +164,19 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
     for name, devices in shards.items():
         log.info("%s: %d shards on %s", name, len(devices), ", ".join(devices))
 
-    valid = eval_set(seqs, "valid", config.max_seq_len)
     checkpoint = run_dir / run_files.CHECKPOINT
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    valid_rows, valid_reason = validation_rows(len(valid.target), seqs.num_items,
-                                               str(config.valid_users), config.seed)
+    scorer, valid_rows, valid_reason = None, None, "on the chief, which shares its results"
+    if task.is_chief:  # a multiworker cluster's other workers learn the chief's results
+        valid = eval_set(seqs, "valid", config.max_seq_len)
+        scorer = UserScorer(model, valid, use_events)
+        valid_rows, valid_reason = validation_rows(len(valid.target), seqs.num_items,
+                                                   str(config.valid_users), config.seed)
     log.info("validation: %s; %s", valid_reason,
              "every epoch while it takes < 5 s, else as often as keeps it near 20% of the time"
              if config.valid_every == "auto" else f"every {config.valid_every} epoch(s)")
-    validation = ValidationCallback(UserScorer(model, valid, use_events), config,
-                                    seqs.num_items, checkpoint, data.positions, valid_rows)
+    validation = ValidationCallback(scorer, config, seqs.num_items, checkpoint, data.positions,
+                                    valid_rows)
     log.info("training %s tower on %s sequences, %s positions/epoch, %s items (%s softmax, "
              "ranking: %s, %s) on %s", config.user_tower, f"{data.window_count:,}",
              f"{data.positions:,}", f"{seqs.num_items:,}", spec.retrieval_mode,
@@ -175,7 +198,7 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
     callbacks = ([validation, guard, epoch_state] if local else [validation, epoch_state])
     if not finished:
         try:
-            fit(model, data.window_shards or data.windows, config, run_dir, callbacks,
+            fit(model, data.training_input, config, run_dir, callbacks,
                 use_events, first_epoch, workers=len(task.cluster.get("worker", [])) or 1)
         except tf.errors.UnavailableError as err:  # a ps (or every worker) went away
             saved = epoch_state.state or resumable(resume_from or run_dir)
@@ -188,6 +211,8 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
                                   f"({unavailable_task(err)}); {kept}") from None
     if data.window_shards is not None:  # done with them (a resumed run writes them again)
         shutil.rmtree(run_dir / INPUT_DIR, ignore_errors=True)
+    if not task.is_chief:  # a multiworker worker: the chief tests, reports and exports
+        return {}
     if epoch_state.diverged:
         kept = (f"the best checkpoint so far (epoch {validation.best_epoch + 1}) is kept in "
                 f"{checkpoint}" if validation.best_epoch >= 0 else "no epoch was validated")
@@ -212,7 +237,7 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
         "positions_per_epoch": data.positions,
         "positions_per_second": data.positions / float(np.median(epoch_times)),
         "text_encoder": spec.text_source, "texts_encoded": features.texts_encoded,
-        "retrieval_mode": spec.retrieval_mode, "retrieval_mode_reason": retrieval.reason,
+        "retrieval_mode": spec.retrieval_mode, "retrieval_mode_reason": retrieval_reason,
         "ranking_mode": spec.ranking_mode,
         "optimizer": optimizer, "id_dropout": spec.id_dropout, "dropout": spec.dropout,
         "validation": {"users": valid_reason, **validation.summary()},
