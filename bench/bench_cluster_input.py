@@ -1,12 +1,13 @@
-"""Positions/s of a loopback parameter-server cluster reading sharded data against one process
-on the same data.
+"""Positions/s of loopback clusters reading sharded data against one process on the same data.
 
     python bench/bench_cluster_input.py                    # 20K users, 4 shards, 4 epochs
 
 Prepares a synthetic data set once (cache/bench-cluster-input/, `--shards 4`), then trains it
-twice with the same flags: one `train.py` process, and a chief + 2 workers + 2 ps on 127.0.0.1
-(workers reading their own window files). Prints the median positions/s of the epochs after the
-first (the first holds tracing and, on the cluster, connecting) from each run's history.csv.
+three times with the same flags: one `train.py` process; a parameter-server chief + 2 workers
++ 2 ps on 127.0.0.1 (workers reading their own window files); two multiworker workers (each
+training on the windows of its own two shards). Prints the median positions/s of the epochs
+after the first (the first holds tracing and, on a cluster, connecting) from each run's
+history.csv.
 Every process it starts is stopped before it exits.
 """
 
@@ -114,8 +115,25 @@ def main() -> int:
             cluster_wall = time.perf_counter() - started
         finally:
             stop(processes)
+        ports = free_ports(2)
+        mw_cluster = {"worker": [f"127.0.0.1:{q}" for q in ports]}
+        margs = [*flags, "--out", str(work / "models" / "multiworker"), "--distribute",
+                 "multiworker"]
+        processes = []
+        try:
+            started = time.perf_counter()
+            for i in range(2):
+                processes.append(start(margs, {"cluster": mw_cluster, "task": {
+                    "type": "worker", "index": i}}, work / f"multiworker{i}.log"))
+            for i, process in enumerate(processes):
+                if process.wait(timeout=3600) != 0:
+                    raise SystemExit((work / f"multiworker{i}.log").read_text()[-3000:])
+            mw_wall = time.perf_counter() - started
+        finally:
+            stop(processes)
         one_speed, epochs = speed(work, "one")
         cluster_speed, _ = speed(work, "cluster")
+        mw_speed, _ = speed(work, "multiworker")
     manifest = json.loads((data / "manifest.json").read_text())
     print(f"data               {manifest['counts']['num_events']:,} events, "
           f"{manifest['counts']['num_users']:,} users, {len(manifest['shards'])} shards")
@@ -123,7 +141,9 @@ def main() -> int:
           f"{one_wall:.0f} s wall)")
     print(f"chief+2w+2ps       {cluster_speed:,.0f} positions/s   ({cluster_wall:.0f} s wall "
           "for the chief)")
-    print(f"cluster / one      {cluster_speed / one_speed:.2f}x   on {os.cpu_count()} cores")
+    print(f"2 multiworker      {mw_speed:,.0f} positions/s   ({mw_wall:.0f} s wall)")
+    print(f"ps cluster / one   {cluster_speed / one_speed:.2f}x   on {os.cpu_count()} cores")
+    print(f"multiworker / one  {mw_speed / one_speed:.2f}x   on {os.cpu_count()} cores")
     return 0
 
 
