@@ -171,10 +171,11 @@ def test_parameter_server_cluster_shards_item_table_trains_and_exports(tmp_path)
           f"{len(history)} epochs, {metadata['wall_seconds']}s in the chief's train()")
 
 
-def _multiworker_run(tmp_path: Path, data: Path, jobs: tuple[str, ...]) -> list[str]:
+def _multiworker_run(tmp_path: Path, data: Path, jobs: tuple[str, ...],
+                     succeed: bool = True) -> list[str]:
     """Train TINY for 2 epochs on `data` with one MultiWorkerMirroredStrategy task per entry of
-    `jobs` ("chief" or "worker"), each in its own directory (tmp/TYPEINDEX); their outputs.
-    Every process is stopped after."""
+    `jobs` ("chief" or "worker"), each in its own directory (tmp/TYPEINDEX); their outputs,
+    each checked to exit 0 (`succeed`) or with code 2. Every process is stopped after."""
     ports = _free_ports(len(jobs))
     cluster: dict[str, list[str]] = {}
     for job, port in zip(jobs, ports):
@@ -190,7 +191,12 @@ def _multiworker_run(tmp_path: Path, data: Path, jobs: tuple[str, ...]) -> list[
             logs.append(tmp_path / f"{job}{index}.log")
             processes.append(_start(args, {"cluster": cluster, "task": {
                 "type": job, "index": index}}, workdir, logs[-1]))
-        return [_wait(process, log, CLUSTER_TIMEOUT) for process, log in zip(processes, logs)]
+        if succeed:
+            return [_wait(process, log, CLUSTER_TIMEOUT) for process, log in zip(processes, logs)]
+        for process, log in zip(processes, logs):
+            process.wait(timeout=CLUSTER_TIMEOUT)
+            assert process.returncode == 2, log.read_text()[-3000:]
+        return [log.read_text() for log in logs]
     finally:
         _stop(processes)
 
@@ -235,6 +241,22 @@ def test_multiworker_tasks_train_on_their_own_shards_and_follow_the_chief(tmp_pa
     assert np.isfinite(metrics["test"]["ndcg@10"])
     model_dir = tmp_path / "models" / "tiny" / "1" / "retrieval_bruteforce"
     assert (model_dir / "saved_model.pb").is_file()
+
+
+def test_multiworker_a_task_that_cannot_load_its_data_stops_every_task(tmp_path):
+    # Shard 0 is read by the chief only (it loads all; the worker reads 1 and 3): without a
+    # shared verdict the worker would wait for the chief in an all-reduce.
+    data = write_processed(tmp_path / "data", num_users=100, shards=4)
+    with open(data / "events" / "part-00000.parquet", "ab") as shard:
+        shard.write(b"changed")
+    started = time.time()
+    chief, worker = _multiworker_run(tmp_path, data, ("chief", "worker"), succeed=False)
+    assert "error: " in chief and "part-00000.parquet: not a readable Parquet" in chief
+    assert "error: 1 other task(s) of the cluster could not load its data" in worker
+    assert "Traceback" not in chief + worker
+    assert not (tmp_path / "chief0" / "runs").exists() or not list(
+        (tmp_path / "chief0" / "runs").glob("*/metrics.json"))
+    print(f"\nmultiworker: both tasks refused in {time.time() - started:.1f}s")
 
 
 CANDIDATES = r"""

@@ -152,7 +152,7 @@ def from_chief(strategy, is_chief: bool, payload: dict | None = None,
     cluster (the others pass neither, but the array's length, `rows`, which they must know)."""
     text = json.dumps(payload).encode() if is_chief else b""
     size = int(sum_over_workers(strategy, np.array([len(text)], np.int64))[0])
-    raw = np.zeros(size, np.int32)
+    raw = np.zeros(size, np.float64)  # bytes as float64: a collective every device runs
     if is_chief:
         raw[:] = np.frombuffer(text, np.uint8)
     shared = sum_over_workers(strategy, raw).astype(np.uint8).tobytes()

@@ -4,6 +4,7 @@ model spec; and the tables it leaves in the run directory for export and serving
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import pandas as pd
 
 from recdata import load_processed
 from recdata.io import load_events_shard, read_manifest
+from recdata.schema import DataError
 from towers import run_dir as run_files
 from towers.spec import ModelSpec
 from training.cluster import ClusterTask, from_chief, sum_over_workers
@@ -25,6 +27,8 @@ from training.shard_input import (
     check_worker_count,
     write_window_shards,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,33 +140,49 @@ def multiworker_data(config: TrainConfig, data_dir: str | Path, task: ClusterTas
     rank, workers = task.training_rank, task.training_workers
     check_worker_count(len(manifest["shards"]), workers)
     own = list(range(rank, len(manifest["shards"]), workers))
-    shared, counts = None, None
-    if task.is_chief:
-        data = load_training_data(config, data_dir)
-        retrieval = retrieval_mode(config, data, on_gpu)
-        spec = model_spec(config, data, retrieval.mode)
-        shared = {"spec": spec.to_dict(), "reason": retrieval.reason,
-                  "windows": data.window_count, "positions": data.positions,
-                  "purchases": data.purchase_positions,
-                  "event_vocab": data.seqs.event_vocab, "any_purchase": data.seqs.any_purchase}
-        counts = data.train_counts
-        data.windows = None  # the chief trains on its own shards' windows too
-        # (load_processed has just checked every shard against the manifest)
-        events = pd.concat([load_events_shard(Path(data_dir) / manifest["shards"][k]["file"])
-                            for k in own], ignore_index=True)
-        items = data.items
-    else:
-        items, events, manifest = load_processed(data_dir, shards=own)
-        features = item_features(items, np.zeros(len(items) + 1, np.int64), config)
+    shared, counts, failure = None, None, None
+    try:  # the chief and the others load different things: one may fail where the rest do not
+        if task.is_chief:
+            data = load_training_data(config, data_dir)
+            retrieval = retrieval_mode(config, data, on_gpu)
+            spec = model_spec(config, data, retrieval.mode)
+            shared = {"spec": spec.to_dict(), "reason": retrieval.reason,
+                      "windows": data.window_count, "positions": data.positions,
+                      "purchases": data.purchase_positions, "event_vocab": data.seqs.event_vocab,
+                      "any_purchase": data.seqs.any_purchase}
+            counts = data.train_counts
+            data.windows = None  # the chief trains on its own shards' windows too
+            # (load_processed has just checked every shard against the manifest)
+            events = pd.concat([load_events_shard(Path(data_dir) / manifest["shards"][k]["file"])
+                                for k in own], ignore_index=True)
+            items = data.items
+        else:
+            items, events, manifest = load_processed(data_dir, shards=own)
+            features = item_features(items, np.zeros(len(items) + 1, np.int64), config)
+    except (ValueError, OSError, DataError) as err:
+        failure = err
+    _fail_together(strategy, failure, "could not load its data")
     shared, counts = from_chief(strategy, task.is_chief, shared, counts, rows=len(items) + 1)
     seqs = build_sequences(events, len(items), config.cold_items, config.seed,
                            event_vocab=shared["event_vocab"], any_purchase=shared["any_purchase"])
     windows = training_arrays(seqs, config.max_seq_len, config.train_windows)
-    # Every worker must fail together (one left waiting in an all-reduce would hang).
-    empty = sum_over_workers(strategy, np.array([len(windows["history"]) == 0], np.int64))[0]
-    if empty:
-        raise ValueError(f"{int(empty)} worker(s) have no training window in their shards; "
-                         f"prepare the data with fewer --shards (>= {workers}) or more users")
+    spec = ModelSpec(**shared["spec"])
+    if not len(windows["history"]):
+        failure = ValueError(f"task {rank} has no training window in its shards; prepare the "
+                             f"data with fewer --shards (>= {workers}) or more users")
+    elif not task.is_chief and (features.text_dim, features.text_tokens) != (
+            spec.text_dim, spec.text_tokens):
+        failure = ValueError(f"task {rank}'s text encoder ({features.text_source}) differs from "
+                             f"the chief's ({spec.text_source}): give every host the same model")
+    _fail_together(strategy, failure, "refused its share of the data")
+    sizes = np.zeros(workers, np.int64)
+    sizes[rank] = len(windows["history"])
+    sizes = sum_over_workers(strategy, sizes)
+    if sizes.max() > 1.1 * sizes.min():
+        log.warning("training windows per task: %s. Each task draws the same number a step, so "
+                    "a window of a larger share is seen less often; shards spread evenly over "
+                    "the tasks (--shards a multiple of %d) weigh every window the same",
+                    ", ".join(f"{n:,}" for n in sizes), workers)
     names = [manifest["shards"][k]["file"] for k in own]
     mine = WorkerWindows(windows, rank, workers, names, shared["windows"],
                          shared["positions"], shared["purchases"])
@@ -172,7 +192,18 @@ def multiworker_data(config: TrainConfig, data_dir: str | Path, task: ClusterTas
         features.train_counts = counts.astype(np.int64)
         data = TrainingData(items, manifest, seqs, features, None, worker_windows=mine,
                             whole_counts=counts.astype(np.int64))
-    return data, ModelSpec(**shared["spec"]), shared["reason"]
+    return data, spec, shared["reason"]
+
+
+def _fail_together(strategy, failure: Exception | None, what: str) -> None:
+    """Raise on every task of a multiworker cluster when any has `failure` (its own error
+    there, a pointer to the others' logs elsewhere): one task left waiting in an all-reduce for
+    a task that stopped would hang, or die later with an unrelated message."""
+    failed = int(sum_over_workers(strategy, np.array([failure is not None], np.int64))[0])
+    if failure is not None:
+        raise failure
+    if failed:
+        raise ValueError(f"{failed} other task(s) of the cluster {what}: see their output")
 
 
 def ranking_mode(config: TrainConfig, seqs: Sequences) -> str:

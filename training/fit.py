@@ -141,18 +141,20 @@ def parameter_server_dataset(arrays: dict[str, np.ndarray], batch_size: int,
 
 
 def worker_dataset(
-    own: WorkerWindows, batch_size: int, seed: int, use_events: bool, bucket_batches: int
+    own: WorkerWindows, batch_size: int, seed: int, use_events: bool, bucket_batches: int,
+    first_epoch: int = 0,
 ) -> tf.keras.utils.experimental.DatasetCreator:
     """The dataset function of a multiworker task: its own windows in length-bucketed batches
-    of its share of the global `batch_size`, reshuffled every pass (seeded by the seed and its
-    rank), repeated: the epoch's length is set by the whole data's steps, the same on every
-    worker, since a worker that ran out would leave the others waiting in an all-reduce."""
+    of its share of the global `batch_size`, reshuffled every pass over them (seeded by the
+    seed, its rank and the pass, counted from `first_epoch` so a resumed run does not repeat
+    the first order), repeated: the epoch's length is set by the whole data's steps, the same
+    on every task, since one that ran out would leave the others waiting in an all-reduce."""
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         per_replica = -(-batch_size // context.num_replicas_in_sync)
-        return training_dataset(
-            own.arrays, per_replica, seed * 1000 + own.rank, use_events, bucket_batches
-        ).repeat()
+        passes = itertools.count(first_epoch)
+        return training_dataset(own.arrays, per_replica, seed * 1000 + own.rank, use_events,
+                                bucket_batches, epoch_of=lambda: next(passes)).repeat()
 
     return tf.keras.utils.experimental.DatasetCreator(dataset_fn)
 
@@ -169,7 +171,7 @@ def fit(model: TwoTowerModel, windows: dict[str, np.ndarray] | WindowShards | Wo
     strategy = model.distribute_strategy
     if isinstance(windows, WorkerWindows):
         dataset = worker_dataset(windows, config.batch_size, config.seed, use_events,
-                                 config.bucket_batches)
+                                 config.bucket_batches, first_epoch)
         steps = math.ceil(windows.windows / config.batch_size)
     elif isinstance(windows, WindowShards):
         dataset = sharded_dataset(windows, workers, config.batch_size, use_events)

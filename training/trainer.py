@@ -211,13 +211,13 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
                                   f"({unavailable_task(err)}); {kept}") from None
     if data.window_shards is not None:  # done with them (a resumed run writes them again)
         shutil.rmtree(run_dir / INPUT_DIR, ignore_errors=True)
-    if not task.is_chief:  # a multiworker worker: the chief tests, reports and exports
-        return {}
     if epoch_state.diverged:
         kept = (f"the best checkpoint so far (epoch {validation.best_epoch + 1}) is kept in "
                 f"{checkpoint}" if validation.best_epoch >= 0 else "no epoch was validated")
         raise TrainingDiverged(f"{epoch_state.diverged}; stopped, not tested or exported; "
                                f"{kept}. Try a lower --lr.")
+    if not task.is_chief:  # a multiworker worker: the chief tests, reports and exports
+        return {}
 
     # The test split is scored once, with the checkpoint chosen on validation.
     model.load_weights(str(checkpoint)).expect_partial()  # optimizer slots: not needed now
