@@ -202,7 +202,9 @@ def _train(config: TrainConfig, task: ClusterTask, data_dir: str | Path, run_dir
                 use_events, first_epoch, workers=len(task.cluster.get("worker", [])) or 1)
         except tf.errors.UnavailableError as err:  # a ps (or every worker) went away
             saved = epoch_state.state or resumable(resume_from or run_dir)
-            again = (f"restart every worker with --resume {run_dir}"
+            # (another multiworker worker's run_dir is its scratch directory, deleted on exit)
+            chiefs = run_dir if task.is_chief else "the chief's run directory"
+            again = (f"restart every worker with --resume {chiefs}"
                      if task.mode == "multiworker" else
                      f"restart the stopped tasks, then this chief with --resume {run_dir}")
             kept = (f"the state after epoch {saved['epoch']} is kept: {again}" if saved
