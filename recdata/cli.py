@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         metavar="SIZE",
         help="duckdb: memory for its buffers, e.g. 4GB or 512MB; it spills to disk beyond "
-        "(default: a quarter of this machine's memory)",
+        "(default: a quarter of this machine's memory, or of its container's limit)",
     )
     o.add_argument(
         "--keep-repeats",

@@ -35,9 +35,29 @@ _NUMERIC = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "
             "UINTEGER", "UBIGINT", "FLOAT", "DOUBLE", "DECIMAL"}  # fmt: skip
 
 
+# A container's memory limit: cgroup v2, then v1 ("max" / a huge number: none).
+CGROUP_LIMITS = (
+    Path("/sys/fs/cgroup/memory.max"),
+    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+)
+
+
+def machine_memory(cgroup_limits: tuple[Path, ...] = CGROUP_LIMITS) -> int:
+    """Bytes of memory this process may use: the machine's, or its container's limit if lower."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in cgroup_limits:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            memory = min(memory, int(text))
+    return memory
+
+
 def default_memory_limit() -> int:
-    """A quarter of the machine's memory: DuckDB's buffers stay there, spilling beyond it."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    """A quarter of machine_memory(): DuckDB's buffers stay there, spilling beyond it."""
+    return machine_memory() // 4
 
 
 def reads_directly(path: Path | None) -> bool:

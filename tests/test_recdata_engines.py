@@ -329,3 +329,13 @@ def test_uris_need_the_spark_engine(tmp_path, capsys, engine):
     code, out = prepare(tmp_path, engine, "--source events --input hdfs://head/logs")
     err = capsys.readouterr().err
     assert code == 2 and "--input hdfs://head/logs: URIs need --engine spark" in err, err
+
+
+def test_default_memory_limit_follows_a_container_limit(tmp_path):
+    physical = duck.machine_memory(())
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    v2.write_text("max\n")  # cgroup v2 without a limit
+    v1.write_text(f"{2**63 - 4096}\n")  # cgroup v1 without a limit: a huge number
+    assert duck.machine_memory((v2, v1, tmp_path / "absent")) == physical
+    v2.write_text(f"{2 * 2**30}\n")  # a 2 GiB container
+    assert duck.machine_memory((v2, v1)) == min(physical, 2 * 2**30)
