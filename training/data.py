@@ -43,8 +43,6 @@ class TrainingData:
     window_shards: WindowShards | None = None
     # a multiworker worker's own windows, with the whole data's totals (multiworker_data)
     worker_windows: WorkerWindows | None = None
-    # the whole data's training counts where `seqs` holds only this worker's shards
-    whole_counts: np.ndarray | None = None
 
     @property
     def _totals(self) -> WindowShards | WorkerWindows | None:
@@ -63,10 +61,9 @@ class TrainingData:
 
     @property
     def train_counts(self) -> np.ndarray:
-        """Training interactions per item_idx [num_items + 1] (cold items held out: 0)."""
-        if self.whole_counts is not None:
-            return self.whole_counts
-        return self.seqs.train_counts()
+        """Training interactions per item_idx [num_items + 1] (cold items held out: 0), of the
+        whole data (a multiworker worker's `seqs` hold only its shards; the chief's counts)."""
+        return self.features.train_counts
 
     @property
     def popularity(self) -> np.ndarray:
@@ -184,14 +181,13 @@ def multiworker_data(config: TrainConfig, data_dir: str | Path, task: ClusterTas
                     "the tasks (--shards a multiple of %d) weigh every window the same",
                     ", ".join(f"{n:,}" for n in sizes), workers)
     names = [manifest["shards"][k]["file"] for k in own]
-    mine = WorkerWindows(windows, rank, workers, names, shared["windows"],
+    mine = WorkerWindows(windows, rank, names, shared["windows"],
                          shared["positions"], shared["purchases"])
     if task.is_chief:
         data.worker_windows = mine
     else:
         features.train_counts = counts.astype(np.int64)
-        data = TrainingData(items, manifest, seqs, features, None, worker_windows=mine,
-                            whole_counts=counts.astype(np.int64))
+        data = TrainingData(items, manifest, seqs, features, None, worker_windows=mine)
     return data, spec, shared["reason"]
 
 

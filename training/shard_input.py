@@ -118,7 +118,6 @@ class WorkerWindows:
 
     arrays: dict[str, np.ndarray]
     rank: int
-    workers: int
     shards: list[str]  # the events shards the windows come from
     windows: int  # the whole data's
     positions: int
