@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from training.evaluate import evaluate, metrics_from_ranks, ranks_from_scores
+from training.evaluate import evaluate, metrics_from_ranks, ndcg_interval, ranks_from_scores
 from training.sequences import EvalSet
 
 
@@ -56,3 +56,18 @@ def test_evaluate_end_to_end_with_popularity_scores():
     assert out["mrr"] == pytest.approx((1 + 1 / 3 + 1) / 3)
     assert 0 < out["coverage@10"] <= 1
     assert "sampled_hr@10" in out
+    assert out["ndcg@10_low"] <= out["ndcg@10"] <= out["ndcg@10_high"]
+
+
+def test_ndcg_interval_is_mean_plus_minus_two_standard_errors():
+    ranks = np.array([0, 0, 1, 3, 9, 10, 50, 200])
+    gains = np.array([1, 1, 1 / math.log2(3), 1 / math.log2(5), 1 / math.log2(11), 0, 0, 0])
+    half = 1.96 * gains.std(ddof=1) / math.sqrt(len(gains))
+    low, high = ndcg_interval(ranks)
+    assert low == pytest.approx(gains.mean() - half)
+    assert high == pytest.approx(gains.mean() + half)
+    # four times the users of the same kind: half the width
+    low4, high4 = ndcg_interval(np.tile(ranks, 4))
+    assert (high4 - low4) == pytest.approx((high - low) / 2, rel=0.1)
+    assert ndcg_interval(np.zeros(5, int)) == (1.0, 1.0)  # every target first: no spread
+    assert ndcg_interval(np.array([3])) == (None, None)  # one user: no interval

@@ -62,6 +62,19 @@ def metrics_from_ranks(ranks: np.ndarray, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def ndcg_interval(ranks: np.ndarray, k: int = 10) -> tuple[float | None, float | None]:
+    """95% interval of NDCG@k over the evaluated users (mean +- 1.96 standard errors of the
+    per-user values): how far the figure could move on another draw of users of the same
+    kind. Two runs whose figures differ by much less than its half-width are not told apart
+    by this test set. None with fewer than two users (kept JSON-safe: no NaN)."""
+    ranks = np.asarray(ranks, np.float64)
+    if len(ranks) < 2:
+        return (None, None)
+    gains = np.where(ranks < k, 1.0 / np.log2(ranks + 2), 0.0)
+    half = 1.96 * gains.std(ddof=1) / np.sqrt(len(gains))
+    return (float(gains.mean() - half), float(gains.mean() + half))
+
+
 def evaluate(score_fn: ScoreFn, data: EvalSet, num_items: int, batch_size: int = 512,
              sampled_negatives: int = 0, seed: int = 0, rows: np.ndarray | None = None,
              ) -> dict[str, float]:
@@ -99,6 +112,7 @@ def evaluate_ranks(score_fn: ScoreFn, data: EvalSet, num_items: int, batch_size:
     out = metrics_from_ranks(ranks)
     out["coverage@10"] = float(in_top10[1:].sum() / max(num_items, 1))
     out["users"] = int(len(rows))
+    out["ndcg@10_low"], out["ndcg@10_high"] = ndcg_interval(ranks)
     if sampled_negatives:
         out.update(metrics_from_ranks(np.concatenate(sampled_ranks), prefix="sampled_"))
     return out, ranks

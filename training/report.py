@@ -61,9 +61,13 @@ def summary_lines(results: dict) -> list[str]:
     test, pop = results["test"], results["popularity_test"]
     lines = [f"test (full catalog, {test['users']:,} users): HR@10 {test['hr@10']:.4f}  "
              f"NDCG@10 {test['ndcg@10']:.4f}  MRR {test['mrr']:.4f}  "
-             f"coverage@10 {test['coverage@10']:.3f}",
-             f"popularity baseline:             HR@10 {pop['hr@10']:.4f}  "
-             f"NDCG@10 {pop['ndcg@10']:.4f}  MRR {pop['mrr']:.4f}"]
+             f"coverage@10 {test['coverage@10']:.3f}"]
+    if test.get("ndcg@10_low") is not None:  # (earlier versions did not record it)
+        lines.append(f"  NDCG@10 95% interval over the test users: {test['ndcg@10_low']:.4f}-"
+                     f"{test['ndcg@10_high']:.4f} (runs closer than its half-width are not "
+                     f"told apart)")
+    lines += [f"popularity baseline:             HR@10 {pop['hr@10']:.4f}  "
+              f"NDCG@10 {pop['ndcg@10']:.4f}  MRR {pop['mrr']:.4f}"]
     if "text_knn_test" in results:
         knn = results["text_knn_test"]
         lines.append(f"text kNN baseline (last item):   HR@10 {knn['hr@10']:.4f}  "
