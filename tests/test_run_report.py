@@ -110,7 +110,8 @@ def test_report_shows_the_cold_shelf_and_the_score_calibration():
 
     def scored(ndcg, users=7):
         return {"users": users, "hr@10": 0.5, "ndcg@10": ndcg, "mrr": 0.2, "coverage@10": 0.3}
-    results = {"test": scored(0.2, 70), "popularity_test": scored(0.01, 70),
+    results = {"test": {**scored(0.2, 70), "ndcg@10_low": 0.1625, "ndcg@10_high": 0.2375},
+               "popularity_test": scored(0.01, 70),
                "text_knn_test": scored(0.1, 70), "cold_items": 12,
                "cold_test": scored(0.0811), "cold_popularity_test": scored(0.0),
                "cold_text_knn_test": scored(0.1234),
@@ -121,7 +122,7 @@ def test_report_shows_the_cold_shelf_and_the_score_calibration():
                                      "cold_top10": {"mean": 3.125, "p90": 4.5, "p99": 6.5}}}
     html = metrics_tables(results)
     for figure in ("0.2718", "0.2345", "0.0811", "0.1234", "8.3%", "7.7500", "3.1250",
-                   "among cold"):
+                   "among cold", "0.1625-0.2375"):
         assert figure in html, figure
     assert "among cold" not in metrics_tables({k: v for k, v in results.items()
                                                if "cold" not in k})

@@ -334,6 +334,13 @@ def _number(value: object, digits: int = 4) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:.{digits}f}"
 
 
+def _interval(metrics: dict) -> str:
+    """NDCG@10's 95% interval over the users (training/evaluate.py), or – where the run's
+    version did not record it."""
+    low, high = metrics.get("ndcg@10_low"), metrics.get("ndcg@10_high")
+    return "–" if low is None or high is None else f"{low:.4f}-{high:.4f}"
+
+
 def _table(header: list[str], rows: list[list[object]]) -> str:
     cells = lambda row, tag: "".join(f"<{tag}>{_e(c)}</{tag}>" for c in row)  # noqa: E731
     return (f"<table><tr>{cells(header, 'th')}</tr>"
@@ -366,10 +373,12 @@ def run_summary(results: dict, spec: ModelSpec) -> str:
 def metrics_tables(results: dict) -> str:
     """Overall test metrics of the model and the baselines; the cold-item targets if any."""
     rows = [[label, _number(m.get("users")), *(_number(m.get(k)) for k in
-                                                ("hr@10", "ndcg@10", "mrr", "coverage@10"))]
+                                                ("hr@10", "ndcg@10", "mrr", "coverage@10")),
+             _interval(m)]
             for name, label in SCORERS.items()
             if (m := results.get("test" if name == "model" else f"{name}_test"))]
-    out = _table(["scorer", "users", "HR@10", "NDCG@10", "MRR", "coverage@10"], rows)
+    out = _table(["scorer", "users", "HR@10", "NDCG@10", "MRR", "coverage@10",
+                  "NDCG@10 95% interval"], rows)
     cold = [[label, _number(m["users"]), _number(m["hr@10"]), _number(m["ndcg@10"])]
             for name, label in SCORERS.items()
             if (m := results.get("cold_test" if name == "model" else f"cold_{name}_test"))]
