@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from training.evaluate import evaluate, metrics_from_ranks, ndcg_interval, ranks_from_scores
+from training.evaluate import (evaluate, interval_text, metrics_from_ranks, ndcg_interval,
+                               ranks_from_scores)
 from training.sequences import EvalSet
 
 
@@ -57,6 +58,8 @@ def test_evaluate_end_to_end_with_popularity_scores():
     assert 0 < out["coverage@10"] <= 1
     assert "sampled_hr@10" in out
     assert out["ndcg@10_low"] <= out["ndcg@10"] <= out["ndcg@10_high"]
+    assert interval_text(out) == f"{out['ndcg@10_low']:.4f}-{out['ndcg@10_high']:.4f}"
+    assert interval_text({"ndcg@10": 0.2}) is None  # a run that did not record it
 
 
 def test_ndcg_interval_is_mean_plus_minus_two_standard_errors():

@@ -50,14 +50,19 @@ def _sampled_ranks(scores: np.ndarray, targets: np.ndarray, seen: list[np.ndarra
     return ranks
 
 
+def ndcg_gains(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Each user's NDCG@k: 1 / log2(rank + 2) inside the top k, else 0."""
+    ranks = np.asarray(ranks, np.float64)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2), 0.0)
+
+
 def metrics_from_ranks(ranks: np.ndarray, prefix: str = "") -> dict[str, float]:
     ranks = np.asarray(ranks, np.float64)
     out = {}
     for k in KS:
         hit = ranks < k
         out[f"{prefix}hr@{k}"] = float(hit.mean()) if len(ranks) else 0.0
-        out[f"{prefix}ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2), 0.0).mean()
-                                         ) if len(ranks) else 0.0
+        out[f"{prefix}ndcg@{k}"] = float(ndcg_gains(ranks, k).mean()) if len(ranks) else 0.0
     out[f"{prefix}mrr"] = float((1.0 / (ranks + 1)).mean()) if len(ranks) else 0.0
     return out
 
@@ -67,12 +72,18 @@ def ndcg_interval(ranks: np.ndarray, k: int = 10) -> tuple[float | None, float |
     per-user values): how far the figure could move on another draw of users of the same
     kind. Two runs whose figures differ by much less than its half-width are not told apart
     by this test set. None with fewer than two users (kept JSON-safe: no NaN)."""
-    ranks = np.asarray(ranks, np.float64)
     if len(ranks) < 2:
         return (None, None)
-    gains = np.where(ranks < k, 1.0 / np.log2(ranks + 2), 0.0)
+    gains = ndcg_gains(ranks, k)
     half = 1.96 * gains.std(ddof=1) / np.sqrt(len(gains))
     return (float(gains.mean() - half), float(gains.mean() + half))
+
+
+def interval_text(metrics: dict) -> str | None:
+    """"low-high" of a metrics dict's NDCG@10 interval; None where it holds none (fewer than
+    two users, or a run of a version that did not record it)."""
+    low, high = metrics.get("ndcg@10_low"), metrics.get("ndcg@10_high")
+    return None if low is None or high is None else f"{low:.4f}-{high:.4f}"
 
 
 def evaluate(score_fn: ScoreFn, data: EvalSet, num_items: int, batch_size: int = 512,

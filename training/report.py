@@ -14,6 +14,7 @@ import pandas as pd
 
 from towers import run_dir as run_files
 from towers.run_dir import package_versions
+from training.evaluate import interval_text
 from training.run_report import try_run_report
 from training.slices import slice_lines
 
@@ -62,10 +63,9 @@ def summary_lines(results: dict) -> list[str]:
     lines = [f"test (full catalog, {test['users']:,} users): HR@10 {test['hr@10']:.4f}  "
              f"NDCG@10 {test['ndcg@10']:.4f}  MRR {test['mrr']:.4f}  "
              f"coverage@10 {test['coverage@10']:.3f}"]
-    if test.get("ndcg@10_low") is not None:  # (earlier versions did not record it)
-        lines.append(f"  NDCG@10 95% interval over the test users: {test['ndcg@10_low']:.4f}-"
-                     f"{test['ndcg@10_high']:.4f} (runs closer than its half-width are not "
-                     f"told apart)")
+    if interval := interval_text(test):
+        lines.append(f"  NDCG@10 95% interval over the test users: {interval} (runs closer "
+                     f"than its half-width are not told apart)")
     lines += [f"popularity baseline:             HR@10 {pop['hr@10']:.4f}  "
               f"NDCG@10 {pop['ndcg@10']:.4f}  MRR {pop['mrr']:.4f}"]
     if "text_knn_test" in results:

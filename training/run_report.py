@@ -26,6 +26,7 @@ import tensorflow as tf
 from towers import run_dir as run_files
 from towers.model import TwoTowerModel
 from towers.spec import ModelSpec
+from training.evaluate import interval_text
 from training.slices import ITEM_BUCKETS, item_buckets
 
 log = logging.getLogger(__name__)
@@ -334,13 +335,6 @@ def _number(value: object, digits: int = 4) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:.{digits}f}"
 
 
-def _interval(metrics: dict) -> str:
-    """NDCG@10's 95% interval over the users (training/evaluate.py), or – where the run's
-    version did not record it."""
-    low, high = metrics.get("ndcg@10_low"), metrics.get("ndcg@10_high")
-    return "–" if low is None or high is None else f"{low:.4f}-{high:.4f}"
-
-
 def _table(header: list[str], rows: list[list[object]]) -> str:
     cells = lambda row, tag: "".join(f"<{tag}>{_e(c)}</{tag}>" for c in row)  # noqa: E731
     return (f"<table><tr>{cells(header, 'th')}</tr>"
@@ -374,7 +368,7 @@ def metrics_tables(results: dict) -> str:
     """Overall test metrics of the model and the baselines; the cold-item targets if any."""
     rows = [[label, _number(m.get("users")), *(_number(m.get(k)) for k in
                                                 ("hr@10", "ndcg@10", "mrr", "coverage@10")),
-             _interval(m)]
+             interval_text(m) or "–"]
             for name, label in SCORERS.items()
             if (m := results.get("test" if name == "model" else f"{name}_test"))]
     out = _table(["scorer", "users", "HR@10", "NDCG@10", "MRR", "coverage@10",
